@@ -1,0 +1,38 @@
+"""annbatch-nb: preshuffle AnnData files into annbatch collections, fast, in bounded memory, resumably.
+
+The public API::
+
+    import annbatch_nb as abn
+
+    p = abn.plan(["a.h5ad", "b.zarr"], shuffle_chunk_size=1000, dataset_size="2GB", seed=0)
+    result = p.run("out.zarr")            # same as abn.shuffle(inputs, "out.zarr", ...)
+    report = abn.validate("out.zarr", inputs=["a.h5ad", "b.zarr"])
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .collection import ValidationReport, validate  # noqa: E402
+from .engine import ShuffleResult, execute, shuffle  # noqa: E402
+from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError  # noqa: E402
+from .plan import Parameters, Plan, build_plan, plan, scan  # noqa: E402
+
+__all__ = [
+    "AnnbatchNBError",
+    "CancelledError",
+    "InputError",
+    "OutputError",
+    "ParameterError",
+    "Parameters",
+    "Plan",
+    "ShuffleResult",
+    "ValidationReport",
+    "__version__",
+    "build_plan",
+    "execute",
+    "plan",
+    "scan",
+    "shuffle",
+    "validate",
+]

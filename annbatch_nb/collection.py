@@ -1,0 +1,408 @@
+"""The on-disk collection: layout, writing one dataset, the commit point, and validation.
+
+Layout of an output written by annbatch-nb::
+
+    out.zarr/                       zarr v3 group; root attrs get the annbatch marker last (the commit)
+      dataset_0/ ... dataset_K-1/   AnnData groups (X sharded, obs, var, empty uns/obsm/...)
+      annbatch_nb/                  this tool's manifest (annbatch ignores keys not named dataset_*)
+        attrs                       parameters, seed, inputs (paths, sizes, mtimes), plan fingerprint
+        runs                        int64 (n_runs, 4): input, start, stop, dataset  -- the assignment
+        complete/<k>/               written after dataset_k is whole; a resume skips those
+
+The marker ``{"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}`` is written only after
+every dataset is complete, so an interrupted run is never loadable as a collection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec
+
+from . import __version__
+from .errors import OutputError
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+__all__ = [
+    "MARKER",
+    "META_KEY",
+    "DatasetWriter",
+    "OutputState",
+    "ValidationReport",
+    "commit",
+    "is_committed",
+    "mark_complete",
+    "open_output",
+    "validate",
+]
+
+MARKER = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
+META_KEY = "annbatch_nb"
+DATASET_RE = re.compile(r"^dataset_(\d+)$")
+
+
+def _compressor() -> BloscCodec:
+    return BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
+
+
+def dataset_key(k: int) -> str:
+    """Name of output dataset ``k``."""
+    return f"dataset_{k}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Opening / creating / resuming an output
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class OutputState:
+    """An output opened for writing.
+
+    Attributes
+    ----------
+    path
+        Output path.
+    root
+        The root zarr group.
+    complete
+        Datasets already complete (from an earlier, interrupted run of the same plan).
+    committed
+        Whether the collection is already finished (marker present).
+    resumed
+        Whether an earlier run's state was found.
+    """
+
+    path: str
+    root: zarr.Group
+    complete: set[int] = field(default_factory=set)
+    committed: bool = False
+    resumed: bool = False
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_location(path: Path, plan: Plan) -> None:
+    resolved = path.resolve()
+    for info in plan.inputs:
+        src = Path(info.path)
+        if resolved == src or (src.is_dir() and _inside(resolved, src)):
+            raise OutputError(path, f"is inside the input {info.display}; write the collection somewhere else")
+        if _inside(src, resolved) and resolved != src:
+            raise OutputError(path, f"contains the input {info.display}; choose an output path outside the inputs")
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, "exists and is a file; choose a new directory path ending in .zarr")
+    parent = path if path.exists() else next(p for p in [path, *path.parents] if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(path, f"cannot be written: {parent} is not writable")
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    if not (path / "zarr.json").is_file() or not (path / META_KEY / "zarr.json").is_file():
+        return None
+    try:
+        meta = zarr.open_group(str(path / META_KEY), mode="r")
+        return dict(meta.attrs)
+    except Exception:
+        return None
+
+
+def open_output(path: str | os.PathLike[str], plan: Plan) -> OutputState:
+    """Create the output for ``plan``, or reopen an unfinished run of the same plan.
+
+    Parameters
+    ----------
+    path
+        Output location.
+    plan
+        The plan to write.
+
+    Returns
+    -------
+    OutputState
+        The opened output, with the datasets an earlier run already completed.
+
+    Raises
+    ------
+    OutputError
+        If the path exists and is not an empty directory or a run of this same plan, or cannot be written.
+    """
+    p = Path(path)
+    _check_location(p, plan)
+    if p.exists() and any(p.iterdir()):
+        manifest = _read_manifest(p)
+        if manifest is None or manifest.get("tool") != "annbatch-nb":
+            raise OutputError(p, "exists and was not written by annbatch-nb; choose a new output path")
+        if manifest.get("fingerprint") != plan.fingerprint:
+            raise OutputError(
+                p,
+                "holds a run with different inputs or parameters; choose a new output path "
+                "(or delete it, if you no longer need it)",
+            )
+        root = zarr.open_group(str(p), mode="r+")
+        state = OutputState(str(p), root, resumed=True)
+        state.committed = is_committed(root)
+        done = root[META_KEY].get("complete")
+        if done is not None:
+            state.complete = {int(k) for k in done.group_keys() if k.isdigit() and int(k) < plan.n_datasets}
+        for key in root.group_keys():
+            m = DATASET_RE.match(key)
+            if m and int(m.group(1)) not in state.complete:
+                # an unfinished dataset of our own earlier run: remove it, it will be rewritten whole
+                _delete_node(p, key)
+        return state
+    p.mkdir(parents=True, exist_ok=True)
+    root = zarr.open_group(str(p), mode="w", zarr_format=3)
+    _write_manifest(root, plan)
+    return OutputState(str(p), root)
+
+
+def _delete_node(path: Path, key: str) -> None:
+    shutil.rmtree(path / key, ignore_errors=True)
+
+
+def _write_manifest(root: zarr.Group, plan: Plan) -> None:
+    attrs = {
+        "tool": "annbatch-nb",
+        "version": __version__,
+        "plan_format": 1,
+        "fingerprint": plan.fingerprint,
+        "params": plan.params.to_dict(),
+        "inputs": plan.inputs_record(),
+        "n_obs": plan.n_obs,
+        "n_vars": plan.n_vars,
+        "x_kind": plan.x_kind,
+        "dtype": plan.dtype.name,
+        "n_datasets": plan.n_datasets,
+        "rows_per_dataset": plan.rows_per_dataset.tolist(),
+    }
+    meta = root.create_group(META_KEY, attributes=attrs)
+    table = np.concatenate([plan.runs, plan.run_dataset[:, None]], axis=1).astype(np.int64)
+    runs = meta.create_array(
+        "runs",
+        shape=table.shape,
+        dtype=np.int64,
+        chunks=(max(1, min(len(table), 1 << 18)), 4),
+        compressors=_compressor(),
+        attributes={"columns": ["input", "start", "stop", "dataset"]},
+    )
+    runs[...] = table
+    meta.create_group("complete")
+
+
+def mark_complete(root: zarr.Group, k: int, record: dict[str, Any]) -> None:
+    """Record that dataset ``k`` is whole (the resume point)."""
+    root[META_KEY]["complete"].create_group(str(k), attributes=record, overwrite=True)
+
+
+def is_committed(root: zarr.Group) -> bool:
+    """Whether the root carries the annbatch collection marker."""
+    attrs = dict(root.attrs)
+    return all(attrs.get(k) == v for k, v in MARKER.items())
+
+
+def commit(root: zarr.Group, plan: Plan) -> None:
+    """Write the collection marker, after checking every dataset is complete.
+
+    Raises
+    ------
+    OutputError
+        If a dataset is not complete.
+    """
+    done = {int(k) for k in root[META_KEY]["complete"].group_keys()}
+    missing = sorted(set(range(plan.n_datasets)) - done)
+    if missing:
+        raise OutputError(str(root.store), f"datasets {missing[:5]} are not complete; cannot commit")
+    root.attrs.update(dict(MARKER))
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing one dataset
+# --------------------------------------------------------------------------------------------------
+class DatasetWriter:
+    """Create the arrays of one output dataset and write them shard by shard.
+
+    Parameters
+    ----------
+    root
+        Output root group.
+    k
+        Dataset number.
+    plan
+        The plan (chunk and shard sizes, dtypes, var).
+    n_rows
+        Rows of this dataset.
+    nnz
+        Stored entries (CSR only).
+    """
+
+    def __init__(self, root: zarr.Group, k: int, plan: Plan, n_rows: int, nnz: int = 0) -> None:
+        self.plan = plan
+        self.n_rows = n_rows
+        self.nnz = nnz
+        self.group = root.create_group(
+            dataset_key(k), attributes={"encoding-type": "anndata", "encoding-version": "0.1.0"}
+        )
+        shard_bytes = int(plan.params.shard_size)  # validated to bytes
+        if plan.x_kind == "csr":
+            itemsize = max(plan.dtype.itemsize, plan.index_dtype.itemsize)
+            chunk = plan.x_chunk_elems
+            per_shard = max(1, shard_bytes // (itemsize * chunk)) * chunk
+            self.shard_elems = min(per_shard, max(chunk, -(-nnz // chunk) * chunk))
+            x = self.group.create_group(
+                "X",
+                attributes={
+                    "encoding-type": "csr_matrix",
+                    "encoding-version": "0.1.0",
+                    "shape": [n_rows, plan.n_vars],
+                },
+            )
+            self.data = x.create_array(
+                "data",
+                shape=(nnz,),
+                dtype=plan.dtype,
+                chunks=(chunk,),
+                shards=(self.shard_elems,),
+                compressors=_compressor(),
+                fill_value=0,
+            )
+            self.indices = x.create_array(
+                "indices",
+                shape=(nnz,),
+                dtype=plan.index_dtype,
+                chunks=(chunk,),
+                shards=(self.shard_elems,),
+                compressors=_compressor(),
+                fill_value=0,
+            )
+            self.indptr = x.create_array(
+                "indptr",
+                shape=(n_rows + 1,),
+                dtype=np.int64,
+                chunks=(n_rows + 1,),
+                compressors=_compressor(),
+                fill_value=0,
+            )
+        else:
+            chunk_rows = min(plan.params.n_obs_per_chunk, max(n_rows, 1))
+            row_bytes = plan.n_vars * plan.dtype.itemsize
+            per_shard = max(1, shard_bytes // max(row_bytes * chunk_rows, 1)) * chunk_rows
+            self.shard_rows = min(per_shard, -(-n_rows // chunk_rows) * chunk_rows)
+            self.x = self.group.create_array(
+                "X",
+                shape=(n_rows, plan.n_vars),
+                dtype=plan.dtype,
+                chunks=(chunk_rows, plan.n_vars),
+                shards=(self.shard_rows, plan.n_vars),
+                compressors=_compressor(),
+                fill_value=0,
+                attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
+            )
+
+    def write_frames(self, obs: pd.DataFrame) -> None:
+        """Write obs, var and the empty AnnData elements."""
+        with ad.settings.override(remove_unused_categories=False):
+            ad.io.write_elem(self.group, "obs", obs)
+            ad.io.write_elem(self.group, "var", pd.DataFrame(index=self.plan.var_names.copy()))
+            for key in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
+                ad.io.write_elem(self.group, key, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """What :func:`validate` found.
+
+    Attributes
+    ----------
+    output
+        The collection checked.
+    errors
+        Problems found; empty when valid.
+    n_datasets, n_obs, n_vars
+        Shape of the collection.
+    x_kind, dtype
+        X encoding and dtype.
+    checked_cells
+        Cells whose X row and obs values were compared with the inputs.
+    """
+
+    output: str
+    errors: list[str] = field(default_factory=list)
+    n_datasets: int = 0
+    n_obs: int = 0
+    n_vars: int = 0
+    x_kind: str = ""
+    dtype: str = ""
+    checked_cells: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.errors
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        head = (
+            f"{self.output}: {self.n_datasets} datasets, {self.n_obs:,} cells x {self.n_vars:,} genes "
+            f"({self.x_kind}, {self.dtype})"
+        )
+        if self.ok:
+            extra = f"; {self.checked_cells:,} cells compared with the inputs" if self.checked_cells else ""
+            return f"{head}: valid{extra}"
+        return head + ": INVALID\n" + "\n".join(f"  - {e}" for e in self.errors)
+
+
+def _read_var_index(group: zarr.Group) -> pd.Index:
+    return pd.Index(ad.io.read_elem(group["var"]).index)
+
+
+def validate(
+    output: str | os.PathLike[str],
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
+    *,
+    sample: int | None = None,
+    seed: int = 0,
+) -> ValidationReport:
+    """Check that ``output`` is a complete, consistent annbatch collection.
+
+    Parameters
+    ----------
+    output
+        The collection.
+    inputs
+        If given, also check that every input cell appears exactly once and that X rows and obs values equal
+        the inputs' (mapped to the collection's genes).
+    sample
+        Compare at most this many cells per dataset with the inputs (default: all).
+    seed
+        Seed of the sample.
+
+    Returns
+    -------
+    ValidationReport
+        The findings; ``report.ok`` tells whether the collection is valid.
+    """
+    from .validation import check_collection
+
+    return check_collection(output, inputs, sample=sample, seed=seed)

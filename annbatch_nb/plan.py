@@ -1,0 +1,674 @@
+"""The pure model of a preshuffle: which rows go where, computed from input metadata alone.
+
+A :class:`Plan` is built from scanned :class:`~annbatch_nb.sources.SourceInfo` records and the shuffle
+parameters; it performs no I/O. Everything the engine does is derived from it:
+
+- the output var (outer or inner join) and, per input, the map from its gene columns to output columns;
+- the unified obs schema (categories united across inputs, missing columns filled);
+- the cut of every input into runs of ``shuffle_chunk_size`` rows and the random assignment of runs to
+  output datasets;
+- each output dataset's row permutation, drawn from its own random stream, so that every dataset is an
+  independent unit of work that needs only the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+from dask.utils import format_bytes, parse_bytes
+
+from .errors import InputError, ParameterError
+from .sources import ColumnSpec, SourceInfo, open_sources, resolve_inputs
+
+if TYPE_CHECKING:
+    from .engine import ShuffleResult
+
+__all__ = [
+    "DEFAULT_DATASET_SIZE",
+    "PLAN_FORMAT_VERSION",
+    "Parameters",
+    "Plan",
+    "build_plan",
+    "make_unique",
+    "plan",
+    "scan",
+]
+
+#: Default target size of one output dataset (uncompressed bytes of X and obs).
+DEFAULT_DATASET_SIZE = "2GB"
+#: Bumped whenever the same parameters would produce a different assignment or different bytes.
+PLAN_FORMAT_VERSION = 1
+
+VarJoin = Literal["outer", "inner"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ParameterError(f"{name} must be a positive whole number, got {value!r}")
+    if value <= 0:
+        raise ParameterError(f"{name} must be positive, got {value}")
+    return int(value)
+
+
+def _parse_size(name: str, value: int | str) -> int | str:
+    """Return a positive row count (int) or a normalised byte string."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return _positive_int(name, int(text))
+        try:
+            nbytes = parse_bytes(text)
+        except (ValueError, TypeError):
+            raise ParameterError(f"{name} {value!r} is neither a row count nor a size like '2GB'") from None
+        if nbytes <= 0:
+            raise ParameterError(f"{name} must be positive, got {value!r}")
+        return text
+    return _positive_int(name, value)
+
+
+def _parse_bytes_param(name: str, value: int | str) -> int:
+    if isinstance(value, str):
+        try:
+            nbytes = parse_bytes(value)
+        except (ValueError, TypeError):
+            raise ParameterError(f"{name} {value!r} is not a size like '1GB'") from None
+    else:
+        nbytes = _positive_int(name, value)
+    if nbytes <= 0:
+        raise ParameterError(f"{name} must be positive, got {value!r}")
+    return int(nbytes)
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Validated shuffle parameters (same meaning as annbatch's).
+
+    Attributes
+    ----------
+    shuffle_chunk_size
+        Rows per contiguous run cut from the inputs.
+    dataset_size
+        Rows per output dataset (int), or a byte size string of uncompressed X + obs.
+    n_obs_per_chunk
+        Rows per zarr chunk of the output.
+    shard_size
+        Target bytes per zarr shard of the output.
+    seed
+        Seed of every random choice.
+    var_join
+        ``outer`` (union of genes, missing genes are zeros) or ``inner`` (genes in every input).
+    dtype
+        dtype of the output X, or None for the numpy result type of the inputs.
+    """
+
+    shuffle_chunk_size: int = 1000
+    dataset_size: int | str = DEFAULT_DATASET_SIZE
+    n_obs_per_chunk: int = 64
+    shard_size: int | str = "1GB"
+    seed: int = 0
+    var_join: VarJoin = "outer"
+    dtype: str | None = None
+
+    @classmethod
+    def validated(
+        cls,
+        *,
+        shuffle_chunk_size: int = 1000,
+        dataset_size: int | str = DEFAULT_DATASET_SIZE,
+        n_obs_per_chunk: int = 64,
+        shard_size: int | str = "1GB",
+        seed: int | None = None,
+        var_join: str = "outer",
+        dtype: Any = None,
+    ) -> Parameters:
+        """Check every parameter and draw a seed if none is given.
+
+        Raises
+        ------
+        ParameterError
+            With a message naming the parameter.
+        """
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2**63))
+        elif isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise ParameterError(f"seed must be a non-negative whole number, got {seed!r}")
+        if var_join not in ("outer", "inner"):
+            raise ParameterError(f"var_join must be 'outer' or 'inner', got {var_join!r}")
+        dtype_str: str | None = None
+        if dtype is not None:
+            try:
+                dt = np.dtype(dtype)
+            except TypeError:
+                raise ParameterError(f"dtype {dtype!r} is not a numpy dtype") from None
+            if dt.kind not in "biuf":
+                raise ParameterError(f"dtype must be numeric, got {dt}")
+            dtype_str = dt.name
+        return cls(
+            shuffle_chunk_size=_positive_int("shuffle_chunk_size", shuffle_chunk_size),
+            dataset_size=_parse_size("dataset_size", dataset_size),
+            n_obs_per_chunk=_positive_int("n_obs_per_chunk", n_obs_per_chunk),
+            shard_size=_parse_bytes_param("shard_size", shard_size),
+            seed=int(seed),
+            var_join=var_join,  # type: ignore[arg-type]
+            dtype=dtype_str,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {
+            "shuffle_chunk_size": self.shuffle_chunk_size,
+            "dataset_size": self.dataset_size,
+            "n_obs_per_chunk": self.n_obs_per_chunk,
+            "shard_size": self.shard_size,
+            "seed": self.seed,
+            "var_join": self.var_join,
+            "dtype": self.dtype,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Joining metadata across inputs
+# --------------------------------------------------------------------------------------------------
+def make_unique(names: pd.Index) -> pd.Index:
+    """Make names unique the way anndata does: later duplicates get ``-1``, ``-2``, ... suffixes.
+
+    Parameters
+    ----------
+    names
+        Names in global input order.
+
+    Returns
+    -------
+    pandas.Index
+        Unique names; the first occurrence of each name is unchanged.
+    """
+    values = np.asarray(names, dtype=object)
+    s = pd.Series(values)
+    dup = s.duplicated(keep="first").to_numpy()
+    if not dup.any():
+        return pd.Index(values, dtype=object)
+    taken = set(values.tolist())
+    counters: dict[str, int] = {}
+    out = values.copy()
+    for i in np.flatnonzero(dup):
+        base = values[i]
+        k = counters.get(base, 0)
+        while True:
+            k += 1
+            candidate = f"{base}-{k}"
+            if candidate not in taken:
+                break
+        counters[base] = k
+        taken.add(candidate)
+        out[i] = candidate
+    return pd.Index(out, dtype=object)
+
+
+def _join_var(infos: list[SourceInfo], var_join: VarJoin) -> pd.Index:
+    if var_join == "outer":
+        allnames = np.concatenate([np.asarray(i.var_names, dtype=object) for i in infos])
+        return pd.Index(pd.unique(allnames), dtype=object)
+    common = infos[0].var_names
+    for info in infos[1:]:
+        common = common[common.isin(info.var_names)]
+    if len(common) == 0:
+        raise InputError(infos[0].display, "shares no gene with every other input; var_join='inner' would be empty")
+    return pd.Index(common, dtype=object)
+
+
+def _unify_column(name: str, present: list[tuple[SourceInfo, ColumnSpec]], missing: bool) -> ColumnSpec:
+    kinds = {spec.kind for _, spec in present}
+    first_info, first = present[0]
+
+    def conflict() -> InputError:
+        other_info, other = next((i, s) for i, s in present if s.kind != first.kind or s.dtype != first.dtype)
+        return InputError(
+            other_info.display,
+            f"obs column {name!r} is {other.kind} ({other.dtype}) here but {first.kind} ({first.dtype}) in "
+            f"{first_info.display}; make the column the same type in every input",
+        )
+
+    if kinds == {"categorical"}:
+        cats: list[Any] = []
+        seen: set[Any] = set()
+        cat_kinds = {np.dtype(s.dtype).kind for _, s in present}
+        as_str = len(cat_kinds) > 1
+        for _, spec in present:
+            for c in spec.categories or ():
+                c = str(c) if as_str else c
+                if c not in seen:
+                    seen.add(c)
+                    cats.append(c)
+        same = all(s.categories == first.categories for _, s in present)
+        ordered = same and all(s.ordered for _, s in present)
+        dtype = "object" if as_str else np.asarray(cats).dtype.str if cats else first.dtype
+        if not as_str and cat_kinds & set("OSUT"):
+            dtype = "object"
+        return ColumnSpec("categorical", dtype, tuple(cats), ordered)
+    if kinds == {"string"}:
+        return ColumnSpec("string", "object")
+    if kinds <= {"numeric", "nullable-integer"}:
+        dt = np.result_type(*[np.dtype(s.dtype) for _, s in present])
+        if dt.kind == "f":
+            return ColumnSpec("numeric", dt.str)
+        if dt.kind == "b":
+            raise conflict()
+        if missing or "nullable-integer" in kinds:
+            return ColumnSpec("nullable-integer", dt.str)
+        return ColumnSpec("numeric", dt.str)
+    if kinds <= {"bool", "nullable-boolean"}:
+        if missing or "nullable-boolean" in kinds:
+            return ColumnSpec("nullable-boolean", "bool")
+        return ColumnSpec("bool", "bool")
+    raise conflict()
+
+
+def _join_obs(infos: list[SourceInfo]) -> dict[str, ColumnSpec]:
+    names: list[str] = []
+    for info in infos:
+        names.extend(n for n in info.obs_columns if n not in names)
+    schema: dict[str, ColumnSpec] = {}
+    for name in names:
+        if name == "src_path":
+            continue
+        present = [(i, i.obs_columns[name]) for i in infos if name in i.obs_columns]
+        schema[name] = _unify_column(name, present, missing=len(present) < len(infos))
+    schema["src_path"] = ColumnSpec("categorical", "object", tuple(i.display for i in infos), False)
+    return schema
+
+
+def _smallest_unsigned(n: int) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if n - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.uint64)
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything needed to write a collection, computed from metadata.
+
+    Build one with :func:`plan` (scans the inputs) or :func:`build_plan` (from scanned metadata).
+
+    Attributes
+    ----------
+    inputs
+        Scanned metadata of every input, in input order.
+    params
+        The validated parameters (the seed is always set).
+    var_names
+        Output genes.
+    var_maps
+        Per input, the output column of each of its genes (-1 where an inner join drops it).
+    x_kind
+        ``csr`` if any input is sparse, else ``dense``.
+    dtype
+        Output X dtype.
+    index_dtype
+        dtype of the output CSR ``indices``.
+    obs_schema
+        The output obs columns and their types (``src_path`` last).
+    runs
+        ``(n_runs, 3)`` int64: input index, first row, stop row; in input order.
+    run_dataset
+        Output dataset of each run.
+    n_datasets
+        Number of output datasets.
+    dataset_rows
+        Target rows per dataset (after converting a byte size).
+    """
+
+    inputs: list[SourceInfo]
+    params: Parameters
+    var_names: pd.Index
+    var_maps: list[np.ndarray]
+    x_kind: Literal["csr", "dense"]
+    dtype: np.dtype
+    index_dtype: np.dtype
+    obs_schema: dict[str, ColumnSpec]
+    runs: np.ndarray
+    run_dataset: np.ndarray
+    n_datasets: int
+    dataset_rows: int
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # -- sizes ----------------------------------------------------------------------------------------
+    @property
+    def n_obs(self) -> int:
+        """Total cells."""
+        return int(sum(i.n_obs for i in self.inputs))
+
+    @property
+    def n_vars(self) -> int:
+        """Output genes."""
+        return len(self.var_names)
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of all inputs (an upper bound of the output's for an inner join)."""
+        return int(sum(i.nnz for i in self.inputs)) if self.x_kind == "csr" else self.n_obs * self.n_vars
+
+    @cached_property
+    def rows_per_dataset(self) -> np.ndarray:
+        """Rows of each output dataset."""
+        lengths = self.runs[:, 2] - self.runs[:, 1]
+        return np.bincount(self.run_dataset, weights=lengths, minlength=self.n_datasets).astype(np.int64)
+
+    @cached_property
+    def input_offsets(self) -> np.ndarray:
+        """Global row number of each input's first row (input order), plus the total at the end."""
+        return np.concatenate([[0], np.cumsum([i.n_obs for i in self.inputs])]).astype(np.int64)
+
+    @property
+    def mean_nnz_per_row(self) -> float:
+        """Mean stored entries per row over all inputs."""
+        return self.nnz / max(self.n_obs, 1)
+
+    def raw_bytes_per_row(self) -> float:
+        """Uncompressed bytes of one output row of X (CSR: data + indices + indptr)."""
+        if self.x_kind == "dense":
+            return float(self.n_vars * self.dtype.itemsize)
+        return self.mean_nnz_per_row * (self.dtype.itemsize + self.index_dtype.itemsize) + 8
+
+    @property
+    def x_chunk_elems(self) -> int:
+        """Elements per zarr chunk of CSR ``data``/``indices`` (``n_obs_per_chunk`` mean rows)."""
+        return max(1, round(self.params.n_obs_per_chunk * self.mean_nnz_per_row))
+
+    # -- what each dataset gets -----------------------------------------------------------------------
+    def dataset_runs(self, k: int) -> np.ndarray:
+        """Runs of dataset ``k``, sorted by input then row: the order rows are read in.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(m, 3)``: input index, start, stop.
+        """
+        if not 0 <= k < self.n_datasets:
+            raise IndexError(f"dataset {k} out of range 0..{self.n_datasets - 1}")
+        return self.runs[self.run_dataset == k]  # runs are stored in input order, so this is sorted
+
+    def dataset_permutation(self, k: int) -> np.ndarray:
+        """Row permutation of dataset ``k``: output row ``j`` is read-order row ``perm[j]``."""
+        n = int(self.rows_per_dataset[k])
+        rng = np.random.default_rng(np.random.SeedSequence(self.params.seed, spawn_key=(1, k)))
+        return rng.permutation(n)
+
+    def dataset_source_rows(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Input index and input row of every output row of dataset ``k``, in output order."""
+        runs = self.dataset_runs(k)
+        lengths = runs[:, 2] - runs[:, 1]
+        src = np.repeat(runs[:, 0], lengths)
+        starts = np.repeat(runs[:, 1] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        rows = starts + np.arange(int(lengths.sum()))
+        perm = self.dataset_permutation(k)
+        return src[perm], rows[perm]
+
+    @cached_property
+    def obs_names(self) -> pd.Index:
+        """Unique cell names in global input order (duplicates suffixed as anndata does)."""
+        return make_unique(pd.Index(np.concatenate([np.asarray(i.obs_names, dtype=object) for i in self.inputs])))
+
+    # -- identity -------------------------------------------------------------------------------------
+    def inputs_record(self) -> list[dict[str, Any]]:
+        """What identifies each input: path, size, mtime, shape, kind."""
+        return [
+            {
+                "path": i.display,
+                "abspath": i.path,
+                "format": i.format,
+                "size_bytes": i.size_bytes,
+                "mtime": i.mtime,
+                "n_obs": i.n_obs,
+                "n_vars": i.n_vars,
+                "nnz": i.nnz,
+                "x_kind": i.x_kind,
+                "dtype": i.dtype.name,
+            }
+            for i in self.inputs
+        ]
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Hash of everything that determines the output bytes (inputs' identity, parameters, seed)."""
+        payload = {
+            "format": PLAN_FORMAT_VERSION,
+            "params": self.params.to_dict(),
+            "inputs": [{k: v for k, v in r.items() if k != "path"} | {"display": r["path"]} for r in self.inputs_record()],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able summary of the plan."""
+        return {
+            "n_inputs": len(self.inputs),
+            "n_obs": self.n_obs,
+            "n_vars": self.n_vars,
+            "x_kind": self.x_kind,
+            "dtype": self.dtype.name,
+            "nnz": self.nnz,
+            "n_runs": len(self.runs),
+            "n_datasets": self.n_datasets,
+            "dataset_rows": self.dataset_rows,
+            "rows_per_dataset": self.rows_per_dataset.tolist(),
+            "raw_bytes": int(self.raw_bytes_per_row() * self.n_obs),
+            "params": self.params.to_dict(),
+        }
+
+    def describe(self) -> str:
+        """One human-readable line."""
+        raw = format_bytes(int(self.raw_bytes_per_row() * self.n_obs))
+        return (
+            f"{self.n_obs:,} cells x {self.n_vars:,} genes ({self.x_kind}, {self.dtype.name}, {raw} raw) from "
+            f"{len(self.inputs)} input(s) -> {self.n_datasets} dataset(s) of ~{int(self.rows_per_dataset.mean()):,} "
+            f"rows, runs of {self.params.shuffle_chunk_size:,}, seed {self.params.seed}"
+        )
+
+    def run(self, output: str | os.PathLike[str], *, progress: bool = True, **kwargs: Any) -> ShuffleResult:
+        """Execute exactly this plan (same assignment, same seed) into ``output``.
+
+        Parameters
+        ----------
+        output
+            Path of the collection to write (``.zarr``).
+        progress
+            Show progress bars.
+        **kwargs
+            Passed to :func:`annbatch_nb.engine.execute`.
+
+        Returns
+        -------
+        ShuffleResult
+            What was written.
+        """
+        from .engine import execute
+
+        return execute(self, output, progress=progress, **kwargs)
+
+
+def _dataset_rows(params: Parameters, bytes_per_row: float) -> int:
+    size = params.dataset_size
+    if isinstance(size, int):
+        return size
+    return max(1, int(parse_bytes(size) // max(bytes_per_row, 1.0)))
+
+
+def _obs_bytes_per_row(schema: dict[str, ColumnSpec]) -> float:
+    total = 0.0
+    for spec in schema.values():
+        if spec.kind == "categorical":
+            total += 1 if len(spec.categories or ()) < 128 else 2 if len(spec.categories or ()) < 32768 else 4
+        elif spec.kind == "string":
+            total += 8 + 16  # pointer + a short string
+        elif spec.kind in ("nullable-integer", "nullable-boolean"):
+            total += np.dtype(spec.dtype).itemsize + 1
+        else:
+            total += np.dtype(spec.dtype).itemsize
+    return total
+
+
+def _assign_runs(runs: np.ndarray, n_datasets: int, rng: np.random.Generator) -> np.ndarray:
+    """Permute the runs, then cut the permuted sequence into ``n_datasets`` groups of about equal rows."""
+    n_runs = len(runs)
+    order = rng.permutation(n_runs)
+    lengths = (runs[:, 2] - runs[:, 1])[order]
+    start_rows = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    total = int(lengths.sum())
+    # dataset of a run = which 1/n_datasets slice of all rows its first row falls in
+    ds_in_order = np.minimum((start_rows * n_datasets) // max(total, 1), n_datasets - 1)
+    assignment = np.empty(n_runs, dtype=np.int64)
+    assignment[order] = ds_in_order
+    return assignment
+
+
+def build_plan(infos: list[SourceInfo], params: Parameters) -> Plan:
+    """Compute a plan from scanned metadata (no I/O).
+
+    Parameters
+    ----------
+    infos
+        Scanned inputs, in input order.
+    params
+        Validated parameters.
+
+    Returns
+    -------
+    Plan
+        The plan.
+
+    Raises
+    ------
+    InputError
+        If the inputs cannot be joined (no shared gene for an inner join, conflicting obs column types).
+    ParameterError
+        If ``shuffle_chunk_size`` exceeds the dataset size.
+    """
+    if not infos:
+        raise InputError("<inputs>", "no input files were given")
+    var_names = _join_var(infos, params.var_join)
+    var_maps = [var_names.get_indexer(i.var_names).astype(np.int64) for i in infos]
+    x_kind: Literal["csr", "dense"] = "csr" if any(i.x_kind == "csr" for i in infos) else "dense"
+    dtype = np.dtype(params.dtype) if params.dtype else np.result_type(*[i.dtype for i in infos])
+    index_dtype = _smallest_unsigned(len(var_names))
+    obs_schema = _join_obs(infos)
+
+    c = params.shuffle_chunk_size
+    parts = []
+    for idx, info in enumerate(infos):
+        starts = np.arange(0, info.n_obs, c, dtype=np.int64)
+        stops = np.minimum(starts + c, info.n_obs)
+        parts.append(np.stack([np.full_like(starts, idx), starts, stops], axis=1))
+    runs = np.concatenate(parts)
+    n_obs = int(sum(i.n_obs for i in infos))
+
+    stub = Plan(
+        inputs=infos,
+        params=params,
+        var_names=var_names,
+        var_maps=var_maps,
+        x_kind=x_kind,
+        dtype=np.dtype(dtype),
+        index_dtype=index_dtype,
+        obs_schema=obs_schema,
+        runs=runs,
+        run_dataset=np.zeros(len(runs), dtype=np.int64),
+        n_datasets=1,
+        dataset_rows=n_obs,
+    )
+    dataset_rows = _dataset_rows(params, stub.raw_bytes_per_row() + _obs_bytes_per_row(obs_schema))
+    if c > dataset_rows:
+        raise ParameterError(
+            f"shuffle_chunk_size ({c:,} rows) is larger than dataset_size ({dataset_rows:,} rows); "
+            "lower shuffle_chunk_size or raise dataset_size"
+        )
+    n_datasets = max(1, math.ceil(n_obs / dataset_rows))
+    rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(0,)))
+    stub.run_dataset = _assign_runs(runs, n_datasets, rng)
+    stub.n_datasets = n_datasets
+    stub.dataset_rows = dataset_rows
+    return stub
+
+
+def scan(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[SourceInfo]:
+    """Resolve and open every input and read its metadata (no X data is read).
+
+    Parameters
+    ----------
+    inputs
+        Files, directories or glob patterns (see :func:`~annbatch_nb.sources.resolve_inputs`).
+
+    Returns
+    -------
+    list[SourceInfo]
+        One record per input.
+    """
+    sources = open_sources(resolve_inputs(inputs))
+    try:
+        return [s.info for s in sources]
+    finally:
+        for s in sources:
+            s.close()
+
+
+def plan(
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    shuffle_chunk_size: int = 1000,
+    dataset_size: int | str = DEFAULT_DATASET_SIZE,
+    n_obs_per_chunk: int = 64,
+    shard_size: int | str = "1GB",
+    seed: int | None = None,
+    var_join: VarJoin = "outer",
+    dtype: Any = None,
+) -> Plan:
+    """Scan the inputs and plan a preshuffle.
+
+    Parameters
+    ----------
+    inputs
+        ``.h5ad`` files, AnnData ``.zarr`` stores, directories of them, or glob patterns.
+    shuffle_chunk_size
+        Rows per contiguous run cut from the inputs.
+    dataset_size
+        Rows per output dataset, or a size string (``"2GB"``) of uncompressed X + obs per dataset.
+    n_obs_per_chunk
+        Rows per zarr chunk in the output.
+    shard_size
+        Target bytes per zarr shard.
+    seed
+        Random seed; None draws one (recorded in the plan, so the run is still reproducible).
+    var_join
+        ``outer``: union of genes (missing genes are zeros); ``inner``: genes present in every input.
+    dtype
+        Output X dtype; default is the numpy result type of the inputs.
+
+    Returns
+    -------
+    Plan
+        The plan; ``plan.run(output)`` executes it.
+    """
+    params = Parameters.validated(
+        shuffle_chunk_size=shuffle_chunk_size,
+        dataset_size=dataset_size,
+        n_obs_per_chunk=n_obs_per_chunk,
+        shard_size=shard_size,
+        seed=seed,
+        var_join=var_join,
+        dtype=dtype,
+    )
+    return build_plan(scan(inputs), params)
