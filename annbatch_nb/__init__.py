@@ -13,10 +13,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .collection import ValidationReport, validate  # noqa: E402
-from .engine import ShuffleResult, execute, shuffle  # noqa: E402
-from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError  # noqa: E402
-from .plan import Parameters, Plan, build_plan, plan, scan  # noqa: E402
+from .collection import ValidationReport, validate
+from .engine import ShuffleResult, execute, shuffle
+from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError
+from .plan import Parameters, Plan, build_plan, plan, scan
 
 __all__ = [
     "AnnbatchNBError",

@@ -103,9 +103,13 @@ def _check_location(path: Path, plan: Plan) -> None:
     for info in plan.inputs:
         src = Path(info.path)
         if resolved == src or (src.is_dir() and _inside(resolved, src)):
-            raise OutputError(path, f"is inside the input {info.display}; write the collection somewhere else")
+            raise OutputError(
+                path, f"is inside the input {info.display}; write the collection somewhere else"
+            )
         if _inside(src, resolved) and resolved != src:
-            raise OutputError(path, f"contains the input {info.display}; choose an output path outside the inputs")
+            raise OutputError(
+                path, f"contains the input {info.display}; choose an output path outside the inputs"
+            )
     if path.exists() and not path.is_dir():
         raise OutputError(path, "exists and is a file; choose a new directory path ending in .zarr")
     parent = path if path.exists() else next(p for p in [path, *path.parents] if p.exists())

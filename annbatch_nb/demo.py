@@ -8,6 +8,7 @@ categories differ between files.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,10 @@ def make_demo_data(directory: str | os.PathLike[str], *, seed: int = 0, scale: f
             tmp.rename(path)
         else:
             fmt_version = 3 if fmt == "zarr3" else 2
-            with ad.settings.override(zarr_write_format=fmt_version):
-                adata.write_zarr(tmp)
+            with warnings.catch_warnings():  # anndata deprecates choosing the zarr format
+                warnings.simplefilter("ignore", DeprecationWarning)
+                with ad.settings.override(zarr_write_format=fmt_version):
+                    adata.write_zarr(tmp)
             tmp.rename(path)
     return paths
 

@@ -98,7 +98,14 @@ class _Progress:
             desc="read   ",
             dynamic_ncols=True,
         )
-        self.write = tqdm(total=plan.n_obs, initial=done_rows, unit=" cells", unit_scale=True, desc="written", dynamic_ncols=True)
+        self.write = tqdm(
+            total=plan.n_obs,
+            initial=done_rows,
+            unit=" cells",
+            unit_scale=True,
+            desc="written",
+            dynamic_ncols=True,
+        )
         self.bars = [self.read, self.write]
 
     def __call__(self, what: str, n: int) -> None:
@@ -129,7 +136,11 @@ def _check_cancel(cancel: threading.Event | None) -> None:
 
 
 def _read_csr(
-    plan: Plan, sources: list[Source], runs: np.ndarray, progress: ProgressCallback, cancel: threading.Event | None
+    plan: Plan,
+    sources: list[Source],
+    runs: np.ndarray,
+    progress: ProgressCallback,
+    cancel: threading.Event | None,
 ) -> sp.csr_matrix:
     """Read the runs (sorted by input) into one CSR matrix in the output gene space, read order."""
     index_dtype = np.int32 if plan.n_vars < 2**31 else np.int64
@@ -208,7 +219,11 @@ def _remap_dense(plan: Plan, i: int, block: np.ndarray) -> np.ndarray:
 
 
 def _read_dense(
-    plan: Plan, sources: list[Source], runs: np.ndarray, progress: ProgressCallback, cancel: threading.Event | None
+    plan: Plan,
+    sources: list[Source],
+    runs: np.ndarray,
+    progress: ProgressCallback,
+    cancel: threading.Event | None,
 ) -> np.ndarray:
     n = int((runs[:, 2] - runs[:, 1]).sum())
     out = np.empty((n, plan.n_vars), dtype=plan.dtype)
@@ -281,7 +296,7 @@ def _obs_column(spec: ColumnSpec, pieces: list[tuple[int, Any, int]], n: int) ->
 
 
 def _build_obs(plan: Plan, sources: list[Source], runs: np.ndarray) -> pd.DataFrame:
-    """obs of the runs in read order, in the unified schema, with src_path and unique names."""
+    """Obs of the runs in read order, in the unified schema, with src_path and unique names."""
     n = int((runs[:, 2] - runs[:, 1]).sum())
     per_input: list[tuple[int, dict[str, Any], int]] = []
     global_rows = []

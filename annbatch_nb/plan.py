@@ -224,7 +224,9 @@ def _join_var(infos: list[SourceInfo], var_join: VarJoin) -> pd.Index:
     for info in infos[1:]:
         common = common[common.isin(info.var_names)]
     if len(common) == 0:
-        raise InputError(infos[0].display, "shares no gene with every other input; var_join='inner' would be empty")
+        raise InputError(
+            infos[0].display, "shares no gene with every other input; var_join='inner' would be empty"
+        )
     return pd.Index(common, dtype=object)
 
 
@@ -422,7 +424,9 @@ class Plan:
     @cached_property
     def obs_names(self) -> pd.Index:
         """Unique cell names in global input order (duplicates suffixed as anndata does)."""
-        return make_unique(pd.Index(np.concatenate([np.asarray(i.obs_names, dtype=object) for i in self.inputs])))
+        return make_unique(
+            pd.Index(np.concatenate([np.asarray(i.obs_names, dtype=object) for i in self.inputs]))
+        )
 
     # -- identity -------------------------------------------------------------------------------------
     def inputs_record(self) -> list[dict[str, Any]]:
@@ -449,7 +453,10 @@ class Plan:
         payload = {
             "format": PLAN_FORMAT_VERSION,
             "params": self.params.to_dict(),
-            "inputs": [{k: v for k, v in r.items() if k != "path"} | {"display": r["path"]} for r in self.inputs_record()],
+            "inputs": [
+                {k: v for k, v in r.items() if k != "path"} | {"display": r["path"]}
+                for r in self.inputs_record()
+            ],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -473,10 +480,11 @@ class Plan:
     def describe(self) -> str:
         """One human-readable line."""
         raw = format_bytes(int(self.raw_bytes_per_row() * self.n_obs))
+        mean_rows = int(self.rows_per_dataset.mean())
         return (
-            f"{self.n_obs:,} cells x {self.n_vars:,} genes ({self.x_kind}, {self.dtype.name}, {raw} raw) from "
-            f"{len(self.inputs)} input(s) -> {self.n_datasets} dataset(s) of ~{int(self.rows_per_dataset.mean()):,} "
-            f"rows, runs of {self.params.shuffle_chunk_size:,}, seed {self.params.seed}"
+            f"{self.n_obs:,} cells x {self.n_vars:,} genes ({self.x_kind}, {self.dtype.name}, {raw} raw) "
+            f"from {len(self.inputs)} input(s) -> {self.n_datasets} dataset(s) of ~{mean_rows:,} rows, "
+            f"runs of {self.params.shuffle_chunk_size:,}, seed {self.params.seed}"
         )
 
     def run(self, output: str | os.PathLike[str], *, progress: bool = True, **kwargs: Any) -> ShuffleResult:

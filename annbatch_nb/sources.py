@@ -14,6 +14,7 @@ another process.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 from abc import ABC, abstractmethod
@@ -82,7 +83,9 @@ def _expand_one(item: str) -> list[InputSpec]:
     if not p.exists():
         raise InputError(item, "no such file or directory")
     if p.is_dir() and not _is_zarr_dir(p) and p.suffix != ".zarr":
-        children = sorted(c for c in p.iterdir() if c.suffix in {".h5ad", ".zarr"} and not c.name.startswith("."))
+        children = sorted(
+            c for c in p.iterdir() if c.suffix in {".h5ad", ".zarr"} and not c.name.startswith(".")
+        )
         if not children:
             raise InputError(item, "the directory contains no .h5ad or .zarr inputs")
         return [InputSpec(str(c.resolve()), os.path.join(item, c.name)) for c in children]
@@ -117,7 +120,9 @@ def resolve_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[s
     for item in items:
         for spec in _expand_one(os.fspath(item)):
             if spec.path in seen:
-                raise InputError(spec.display, f"is listed twice (also as {seen[spec.path]}); give each input once")
+                raise InputError(
+                    spec.display, f"is listed twice (also as {seen[spec.path]}); give each input once"
+                )
             seen[spec.path] = spec.display
             resolved.append(spec)
     return resolved
@@ -294,7 +299,8 @@ class Source(ABC):
 
     def __repr__(self) -> str:
         i = self.info
-        return f"{type(self).__name__}({i.display!r}, n_obs={i.n_obs}, n_vars={i.n_vars}, X={i.x_kind}/{i.dtype})"
+        name = type(self).__name__
+        return f"{name}({i.display!r}, n_obs={i.n_obs}, n_vars={i.n_vars}, X={i.x_kind}/{i.dtype})"
 
     def _fail(self, problem: str) -> InputError:
         return InputError(self.spec.display, problem)
@@ -324,7 +330,9 @@ class Source(ABC):
                     "adata.X = adata.X.tocsr() and save again"
                 )
             if enc != "csr_matrix" and legacy != "csr":
-                raise self._fail(f"X has unsupported encoding {enc or 'unknown'!r} (need a dense array or CSR)")
+                raise self._fail(
+                    f"X has unsupported encoding {enc or 'unknown'!r} (need a dense array or CSR)"
+                )
             for key in ("data", "indices", "indptr"):
                 if key not in x:
                     raise self._fail(f"X is a CSR matrix without '{key}'; the file is incomplete")
@@ -336,9 +344,13 @@ class Source(ABC):
             dtype = np.dtype(x["data"].dtype)
             nnz = int(x["data"].shape[0])
             if int(x["indptr"].shape[0]) != n_obs + 1:
-                raise self._fail(f"X/indptr has {x['indptr'].shape[0]} entries for {n_obs} rows; the file is corrupt")
+                raise self._fail(
+                    f"X/indptr has {x['indptr'].shape[0]} entries for {n_obs} rows; the file is corrupt"
+                )
         if dtype.kind not in "biuf":
-            raise self._fail(f"X has non-numeric dtype {dtype}; only integer, float and bool X can be shuffled")
+            raise self._fail(
+                f"X has non-numeric dtype {dtype}; only integer, float and bool X can be shuffled"
+            )
         if n_obs == 0:
             raise self._fail("has 0 cells; remove it from the inputs")
         if n_vars == 0:
@@ -348,7 +360,9 @@ class Source(ABC):
             raise self._fail(f"var has {len(var_names)} rows but X has {n_vars} columns; the file is corrupt")
         if var_names.has_duplicates:
             dup = var_names[var_names.duplicated()][0]
-            raise self._fail(f"duplicate gene name {dup!r} in var; make them unique (adata.var_names_make_unique())")
+            raise self._fail(
+                f"duplicate gene name {dup!r} in var; make them unique (adata.var_names_make_unique())"
+            )
         obs_names = self._read_index(root["obs"], "obs")
         if len(obs_names) != n_obs:
             raise self._fail(f"obs has {len(obs_names)} rows but X has {n_obs}; the file is corrupt")
@@ -377,6 +391,12 @@ class Source(ABC):
         if key not in df_group:
             raise self._fail(f"{what} has no index column {key!r}; not an AnnData file")
         arr = df_group[key]
+        if not self._is_array(arr):
+            # anndata >= 0.12 with pandas' string dtype writes the index as a nullable-string-array group
+            enc = str(arr.attrs.get("encoding-type", ""))
+            if enc != "nullable-string-array" or "values" not in arr:
+                raise self._fail(f"{what} index has unsupported encoding {enc or 'unknown'!r}")
+            arr = arr["values"]
         values = self._read_range(arr, 0, int(arr.shape[0]))
         return pd.Index(np.asarray(values).astype(str), dtype=object)
 
@@ -482,7 +502,6 @@ class Source(ABC):
         runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
         n = int((runs[:, 1] - runs[:, 0]).sum())
         out = np.zeros((n, self.info.n_vars), dtype=self.info.dtype)
-        pos = 0
         if self.info.x_kind == "dense":
             self.read_dense_into(runs, out)
             return out
@@ -516,7 +535,10 @@ class Source(ABC):
             elif spec.kind in ("nullable-integer", "nullable-boolean") or (
                 spec.kind == "string" and not self._is_array(node)
             ):
-                out[name] = (self._gather(node["values"], ranges), self._gather(node["mask"], ranges).astype(bool))
+                out[name] = (
+                    self._gather(node["values"], ranges),
+                    self._gather(node["mask"], ranges).astype(bool),
+                )
             else:
                 out[name] = self._gather(node, ranges)
         return out
@@ -551,14 +573,14 @@ class H5adSource(Source):
             return h5py.File(self.spec.path, "r")
         except OSError as e:
             reason = str(e).split("(")[0].strip().rstrip(".") or "unreadable"
-            raise InputError(self.spec.display, f"cannot be read as HDF5 ({reason}); is it a truncated or corrupt .h5ad?")
+            raise InputError(
+                self.spec.display, f"cannot be read as HDF5 ({reason}); is it a truncated or corrupt .h5ad?"
+            ) from None
 
     def close(self) -> None:  # noqa: D102
         if self._root is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken handle
                 self._root.close()
-            except Exception:  # pragma: no cover - closing a broken handle
-                pass
         self._root = None
 
     def _is_array(self, node: Any) -> bool:
@@ -591,7 +613,8 @@ class ZarrSource(Source):
         try:
             root = zarr.open_group(self.spec.path, mode="r")
         except Exception as e:  # zarr raises several types for broken metadata
-            raise InputError(self.spec.display, f"cannot be opened as a zarr group ({type(e).__name__}: {e})")
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            raise InputError(self.spec.display, f"cannot be opened as a zarr group ({reason})") from None
         return root
 
     def _is_array(self, node: Any) -> bool:

@@ -60,10 +60,12 @@ def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
             "not a finished collection: the annbatch marker is missing (an interrupted run? re-run the same "
             "shuffle command to resume it)"
         )
-    keys = [k for k in root.keys() if k.startswith("dataset_")]
+    keys = [k for k in root if k.startswith("dataset_")]
     bad = [k for k in keys if not DATASET_RE.match(k)]
     if bad:
-        report.fail(f"keys {bad} start with 'dataset_' but are not dataset_<n>; annbatch's Loader would crash")
+        report.fail(
+            f"keys {bad} start with 'dataset_' but are not dataset_<n>; annbatch's Loader would crash"
+        )
     numbers = sorted(int(DATASET_RE.match(k).group(1)) for k in keys if DATASET_RE.match(k))  # type: ignore[union-attr]
     if not numbers:
         report.fail("no dataset_<n> groups")
@@ -107,7 +109,12 @@ def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
                 report.fail(f"{name} X has {shape[1]} columns but var has {len(var)} genes")
             indptr = x["indptr"][...]
             nnz = int(x["data"].shape[0])
-            if len(indptr) != n_rows + 1 or indptr[0] != 0 or indptr[-1] != nnz or np.any(np.diff(indptr) < 0):
+            if (
+                len(indptr) != n_rows + 1
+                or indptr[0] != 0
+                or indptr[-1] != nnz
+                or np.any(np.diff(indptr) < 0)
+            ):
                 report.fail(f"{name} X/indptr is inconsistent with {n_rows} rows and {nnz} entries")
             if int(x["indices"].shape[0]) != nnz:
                 report.fail(f"{name} X/indices and X/data differ in length")
@@ -124,7 +131,11 @@ def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
             report.fail(f"{name} obs has {len(obs)} rows, X has {n_rows}")
         if ref_obs is None:
             ref_obs = obs.dtypes
-            ref_cats = {c: list(obs[c].cat.categories) for c in obs.columns if isinstance(obs[c].dtype, pd.CategoricalDtype)}
+            ref_cats = {
+                c: list(obs[c].cat.categories)
+                for c in obs.columns
+                if isinstance(obs[c].dtype, pd.CategoricalDtype)
+            }
         else:
             if list(obs.columns) != list(ref_obs.index) or any(
                 str(obs[c].dtype) != str(ref_obs[c]) for c in obs.columns if c in ref_obs.index
@@ -142,7 +153,9 @@ def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
     if all_names:
         names = pd.Index(np.concatenate(all_names))
         if names.has_duplicates:
-            report.fail(f"cell names are not unique across the collection (e.g. {names[names.duplicated()][0]!r})")
+            report.fail(
+                f"cell names are not unique across the collection (e.g. {names[names.duplicated()][0]!r})"
+            )
 
     if META_KEY in root:
         meta = dict(root[META_KEY].attrs)
@@ -216,7 +229,9 @@ def _check_against_inputs(
     try:
         by_display = {s.info.display: i for i, s in enumerate(sources)}
         by_path = {s.info.path: i for i, s in enumerate(sources)}
-        names = make_unique(pd.Index(np.concatenate([np.asarray(s.info.obs_names, dtype=object) for s in sources])))
+        names = make_unique(
+            pd.Index(np.concatenate([np.asarray(s.info.obs_names, dtype=object) for s in sources]))
+        )
         offsets = np.concatenate([[0], np.cumsum([s.info.n_obs for s in sources])])
         total = int(offsets[-1])
         lookup = pd.Index(names)
@@ -231,7 +246,10 @@ def _check_against_inputs(
                 report.fail(f"dataset_{n} has no src_path column; cannot trace cells to inputs")
                 return
             src_idx = np.array(
-                [by_display.get(p, by_path.get(str(Path(p).resolve()), -1)) for p in obs["src_path"].astype(str)]
+                [
+                    by_display.get(p, by_path.get(str(Path(p).resolve()), -1))
+                    for p in obs["src_path"].astype(str)
+                ]
             )
             if np.any(src_idx < 0):
                 unknown = obs["src_path"].astype(str)[src_idx < 0].iloc[0]
@@ -294,7 +312,11 @@ def _column_values(val: Any, spec: Any) -> np.ndarray:
     if spec.kind == "categorical":
         codes, cats = val
         cats_arr = np.asarray(list(cats), dtype=object)
-        out = np.where(np.asarray(codes) >= 0, cats_arr[np.maximum(np.asarray(codes), 0)] if len(cats_arr) else None, None)
+        out = np.where(
+            np.asarray(codes) >= 0,
+            cats_arr[np.maximum(np.asarray(codes), 0)] if len(cats_arr) else None,
+            None,
+        )
         return out.astype(object)
     if isinstance(val, tuple):
         values, mask = val

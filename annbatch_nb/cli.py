@@ -1,0 +1,201 @@
+"""Command line: ``annbatch-nb plan|shuffle|validate|demo``, thin shells over the Python API.
+
+Errors a user can cause print one line (``error: <file>: <problem>``) and exit with status 2; ``--debug``
+shows the traceback. A failed validation exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from dask.utils import format_bytes
+
+from . import __version__
+from .errors import AnnbatchNBError, CancelledError
+
+__all__ = ["main"]
+
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+EXIT_CANCELLED = 130
+
+
+def _size(text: str) -> int | str:
+    """Rows (digits) or a byte size string; validated later by the planner."""
+    return int(text) if text.strip().isdigit() else text
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help=".h5ad files, .zarr stores, directories or globs"
+    )
+    p.add_argument(
+        "--shuffle-chunk-size", type=int, default=1000, metavar="N", help="rows per run (default 1000)"
+    )
+    p.add_argument(
+        "--dataset-size",
+        type=_size,
+        default=None,
+        metavar="ROWS|SIZE",
+        help="rows per output dataset, or a size like 2GB of uncompressed X+obs (default 2GB)",
+    )
+    p.add_argument(
+        "--n-obs-per-chunk", type=int, default=64, metavar="N", help="rows per zarr chunk (default 64)"
+    )
+    p.add_argument("--shard-size", default="1GB", metavar="SIZE", help="bytes per zarr shard (default 1GB)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: drawn and recorded)")
+    p.add_argument(
+        "--var-join", choices=["outer", "inner"], default="outer", help="gene join (default outer)"
+    )
+    p.add_argument("--dtype", default=None, help="output X dtype (default: result type of the inputs)")
+
+
+def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    from .plan import DEFAULT_DATASET_SIZE
+
+    return {
+        "shuffle_chunk_size": args.shuffle_chunk_size,
+        "dataset_size": args.dataset_size if args.dataset_size is not None else DEFAULT_DATASET_SIZE,
+        "n_obs_per_chunk": args.n_obs_per_chunk,
+        "shard_size": args.shard_size,
+        "seed": args.seed,
+        "var_join": args.var_join,
+        "dtype": args.dtype,
+    }
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    p = plan(args.inputs, **_plan_kwargs(args))
+    if args.json:
+        print(json.dumps(p.summary(), indent=2))
+    else:
+        print(p.describe())
+        for info in p.inputs:
+            print(
+                f"  {info.display}: {info.n_obs:,} cells x {info.n_vars:,} genes, "
+                f"{info.x_kind} {info.dtype.name}, {format_bytes(info.size_bytes)} on disk"
+            )
+    return 0
+
+
+def _cmd_shuffle(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    p = plan(args.inputs, **_plan_kwargs(args))
+    if not args.quiet:
+        print(f"plan: {p.describe()}", file=sys.stderr)
+    result = p.run(args.output, progress=not args.no_progress)
+    if result.already_complete:
+        print(f"{args.output}: already complete, nothing to do")
+        return 0
+    if result.datasets_resumed:
+        print(f"resumed: {result.datasets_resumed} of {result.n_datasets} datasets already complete")
+    print(f"wrote {result}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .collection import validate
+
+    report = validate(args.output, inputs=args.inputs, sample=args.sample)
+    print(report)
+    return 0 if report.ok else EXIT_INVALID
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    demo = run_demo(args.dir, progress=not args.no_progress)
+    print(f"inputs:     {len(demo.inputs)} files in {demo.inputs[0].parent}")
+    print(f"collection: {demo.output}")
+    print(f"shuffle:    {demo.result}")
+    print(f"validate:   {demo.report}")
+    print()
+    print("Stream it:  annbatch.Loader(batch_size=256, chunk_size=32, preload_nchunks=8)")
+    print(f"              .use_collection(annbatch.DatasetCollection({str(demo.output)!r}, mode='r'))")
+    print("Tune it:    make lab   (opens JupyterLab on notebooks/ with the planner notebooks)")
+    return 0 if demo.report.ok else EXIT_INVALID
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``annbatch-nb``."""
+    parser = argparse.ArgumentParser(
+        prog="annbatch-nb", description="Preshuffle AnnData files into annbatch collections."
+    )
+    parser.add_argument("--version", action="version", version=f"annbatch-nb {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="describe what a shuffle would do, without moving data")
+    _add_plan_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("shuffle", help="write an annbatch collection (resumes an interrupted run)")
+    _add_plan_args(p)
+    p.add_argument("-o", "--output", required=True, help="collection path (.zarr)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the plan")
+    p.set_defaults(func=_cmd_shuffle)
+
+    p = sub.add_parser("validate", help="check a collection (and, with --inputs, its content)")
+    p.add_argument("output", help="collection path")
+    p.add_argument("--inputs", nargs="+", default=None, metavar="INPUT", help="compare every cell with these")
+    p.add_argument("--sample", type=int, default=None, metavar="N", help="compare N cells per dataset")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("demo", help="make demo data, shuffle and validate it")
+    p.add_argument("--dir", default="demo-data", help="working directory (default demo-data)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 success, 1 invalid collection, 2 bad input or usage, 130 cancelled.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CancelledError as e:
+        print(f"cancelled: {e}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_CANCELLED
+    except AnnbatchNBError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:
+        if args.debug:
+            raise
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr
+        )
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
