@@ -120,7 +120,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print("Stream it:  annbatch.Loader(batch_size=256, chunk_size=32, preload_nchunks=8)")
     print(f"              .use_collection(annbatch.DatasetCollection({str(demo.output)!r}, mode='r'))")
-    print("Tune it:    make lab   (opens JupyterLab on notebooks/ with the planner notebooks)")
+    print(f"Plan yours: annbatch-nb plan {demo.inputs[0].parent} --dataset-size 2GB")
     return 0 if demo.report.ok else EXIT_INVALID
 
 
