@@ -21,9 +21,17 @@ import scipy.sparse as sp
 from .collection import DatasetWriter, commit, mark_complete, open_output
 from .errors import CancelledError, InputError
 from .plan import DEFAULT_DATASET_SIZE, Plan, VarJoin, plan
+from .shards import ShardedArray
 from .sources import ColumnSpec, InputSpec, Source, open_source
 
 __all__ = ["ShuffleResult", "execute", "shuffle", "write_dataset"]
+
+try:  # scipy's compiled kernels (row gather, in-place row sort); numpy fallbacks below
+    from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
+    from scipy.sparse._sparsetools import csr_sort_indices as _csr_sort_indices
+except ImportError:  # pragma: no cover - scipy moved them
+    _csr_row_index = _csr_sort_indices = None
+
 
 ProgressCallback = Callable[[str, int], None]
 
@@ -135,16 +143,61 @@ def _check_cancel(cancel: threading.Event | None) -> None:
         raise CancelledError("cancelled; re-run the same command to resume")
 
 
+class BufferPool:
+    """Reusable scratch arrays, kept across datasets.
+
+    Touching freshly mapped memory is expensive (page faults); reusing the same buffers for every dataset
+    keeps that cost to the first dataset and keeps peak memory flat.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, n: int, dtype: np.dtype | type) -> np.ndarray:
+        """A 1-D array of ``n`` elements of ``dtype`` (contents undefined), grown when too small."""
+        dtype = np.dtype(dtype)
+        nbytes = max(n * dtype.itemsize, 1)
+        cur = self._arrays.get(name)
+        if cur is None or cur.nbytes < nbytes:
+            self._arrays.pop(name, None)
+            del cur
+            cur = np.empty(int(nbytes * 1.1) + 64, dtype=np.uint8)
+            self._arrays[name] = cur
+        return cur[:nbytes].view(dtype)[:n]
+
+    def clear(self) -> None:
+        """Release every buffer."""
+        self._arrays.clear()
+
+
+@dataclass
+class CSRBuffer:
+    """A dataset's rows in read order, in the output gene space; one index dtype for indptr and indices."""
+
+    data: np.ndarray
+    indices: np.ndarray
+    indptr: np.ndarray
+
+    @property
+    def n_rows(self) -> int:
+        """Rows held."""
+        return len(self.indptr) - 1
+
+
+def _index_dtype(nnz: int, n_vars: int) -> np.dtype:
+    return np.dtype(np.int32) if max(nnz, n_vars) < 2**31 - 1 else np.dtype(np.int64)
+
+
 def _read_csr(
     plan: Plan,
     sources: list[Source],
     runs: np.ndarray,
+    pool: BufferPool,
     progress: ProgressCallback,
     cancel: threading.Event | None,
-) -> sp.csr_matrix:
-    """Read the runs (sorted by input) into one CSR matrix in the output gene space, read order."""
-    index_dtype = np.int32 if plan.n_vars < 2**31 else np.int64
-    by_source = [(i, runs[runs[:, 0] == i][:, 1:]) for i in np.unique(runs[:, 0])]
+) -> CSRBuffer:
+    """Read the runs (sorted by input) into the pool's CSR buffers, in the output gene space, read order."""
+    by_source = [(int(i), runs[runs[:, 0] == i][:, 1:]) for i in np.unique(runs[:, 0])]
     counts: list[np.ndarray] = []
     dense_parts: dict[int, sp.csr_matrix] = {}
     capacity = 0
@@ -159,18 +212,19 @@ def _read_csr(
             block = _remap_dense(plan, i, src.read_dense(r))
             progress("bytes", block.nbytes)
             part = sp.csr_matrix(block)
-            dense_parts[int(i)] = part
+            dense_parts[i] = part
             capacity += part.nnz
             counts.append(np.diff(part.indptr))
-    data = np.empty(capacity, dtype=plan.dtype)
-    indices = np.empty(capacity, dtype=index_dtype)
+    idx_dtype = _index_dtype(capacity, plan.n_vars)
+    data = pool.get("data", capacity, plan.dtype)
+    indices = pool.get("indices", capacity, idx_dtype)
     pos = 0
     needs_sort = False
     for j, (i, r) in enumerate(by_source):
         _check_cancel(cancel)
         src = sources[i]
-        if int(i) in dense_parts:
-            part = dense_parts.pop(int(i))
+        if i in dense_parts:
+            part = dense_parts.pop(i)
             data[pos : pos + part.nnz] = part.data
             indices[pos : pos + part.nnz] = part.indices
             pos += part.nnz
@@ -179,10 +233,12 @@ def _read_csr(
         progress("bytes", n * (src.info.dtype.itemsize + 4) + len(counts[j]) * 8)
         vmap = plan.var_maps[i]
         if not _is_identity(vmap):
-            seg = indices[pos : pos + n]
-            mapped = vmap[seg]
-            keep = mapped >= 0
-            if not keep.all():  # inner join: drop entries of genes not in the output
+            if bool((vmap >= 0).all()):
+                _remap_in_place(indices[pos : pos + n], vmap.astype(indices.dtype))
+            else:  # inner join: drop entries of genes not in the output
+                seg = indices[pos : pos + n]
+                mapped = vmap[seg]
+                keep = mapped >= 0
                 row_starts = np.concatenate([[0], np.cumsum(counts[j])[:-1]])
                 kept_cum = np.concatenate([[0], np.cumsum(keep)])
                 counts[j] = kept_cum[row_starts + counts[j]] - kept_cum[row_starts]
@@ -190,18 +246,58 @@ def _read_csr(
                 data[pos : pos + m] = data[pos : pos + n][keep]
                 indices[pos : pos + m] = mapped[keep]
                 n = m
-            else:
-                seg[...] = mapped
             kept = vmap[vmap >= 0]
             needs_sort |= bool(np.any(np.diff(kept) < 0))
         pos += n
     row_nnz = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
-    indptr = np.concatenate([[0], np.cumsum(row_nnz, dtype=np.int64)])
-    mat = sp.csr_matrix((data[:pos], indices[:pos], indptr), shape=(len(row_nnz), plan.n_vars), copy=False)
+    indptr = pool.get("indptr", len(row_nnz) + 1, idx_dtype)
+    indptr[0] = 0
+    np.cumsum(row_nnz, out=indptr[1:])
+    buf = CSRBuffer(data[:pos], indices[:pos], indptr)
     if needs_sort:
-        mat.has_sorted_indices = False
-        mat.sort_indices()
-    return mat
+        _sort_rows(buf, plan.n_vars)
+    return buf
+
+
+def _remap_in_place(indices: np.ndarray, vmap: np.ndarray, step: int = 1 << 20) -> None:
+    """``indices[:] = vmap[indices]`` a block at a time (no dataset-sized temporary)."""
+    for a in range(0, len(indices), step):
+        seg = indices[a : a + step]
+        seg[...] = vmap[seg]
+
+
+def _sort_rows(buf: CSRBuffer, n_vars: int) -> None:
+    """Sort column indices within each row, in place (inputs whose gene order differs from the output's)."""
+    if _csr_sort_indices is not None and buf.indptr.dtype == buf.indices.dtype:
+        _csr_sort_indices(buf.n_rows, buf.indptr, buf.indices, buf.data)
+        return
+    mat = sp.csr_matrix((buf.data, buf.indices, buf.indptr), shape=(buf.n_rows, n_vars), copy=False)
+    mat.has_sorted_indices = False
+    mat.sort_indices()
+    if not np.shares_memory(mat.indices, buf.indices):  # scipy converted the index dtype: copy back
+        buf.indices[...] = mat.indices
+        buf.data[...] = mat.data
+
+
+def _gather_rows(buf: CSRBuffer, rows: np.ndarray, out_data: np.ndarray, out_indices: np.ndarray) -> None:
+    """Copy rows ``rows`` of ``buf``, in that order, into ``out_data``/``out_indices`` (sized exactly)."""
+    if _csr_row_index is not None:
+        _csr_row_index(
+            len(rows),
+            rows.astype(buf.indptr.dtype, copy=False),
+            buf.indptr,
+            buf.indices,
+            buf.data,
+            out_indices,
+            out_data,
+        )
+        return
+    starts = buf.indptr[rows]
+    lengths = buf.indptr[rows + 1] - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    src = np.repeat(starts - offsets, lengths) + np.arange(int(lengths.sum()))
+    np.take(buf.data, src, out=out_data)
+    np.take(buf.indices, src, out=out_indices)
 
 
 def _is_identity(vmap: np.ndarray) -> bool:
@@ -222,11 +318,12 @@ def _read_dense(
     plan: Plan,
     sources: list[Source],
     runs: np.ndarray,
+    pool: BufferPool,
     progress: ProgressCallback,
     cancel: threading.Event | None,
 ) -> np.ndarray:
     n = int((runs[:, 2] - runs[:, 1]).sum())
-    out = np.empty((n, plan.n_vars), dtype=plan.dtype)
+    out = pool.get("dense", n * plan.n_vars, plan.dtype).reshape(n, plan.n_vars)
     pos = 0
     for i in np.unique(runs[:, 0]):
         _check_cancel(cancel)
@@ -317,6 +414,93 @@ def _build_obs(plan: Plan, sources: list[Source], runs: np.ndarray) -> pd.DataFr
     return pd.DataFrame(columns, index=pd.Index(np.asarray(names, dtype=object), dtype=object))
 
 
+#: Elements gathered per step when streaming a CSR dataset out (a few MB of scratch).
+_GATHER_ELEMS = 1 << 21
+
+
+def _write_csr_x(
+    plan: Plan,
+    writer: DatasetWriter,
+    buf: CSRBuffer,
+    perm: np.ndarray,
+    out_indptr: np.ndarray,
+    pool: BufferPool,
+    progress: ProgressCallback,
+    cancel: threading.Event | None,
+) -> None:
+    """Stream the permuted rows out, shard by shard.
+
+    A block of output elements is gathered into scratch, cut into inner chunks, each compressed as it comes;
+    every shard is stored with one write. Scratch is one block (a few MB), not one shard.
+    """
+    data_arr = ShardedArray(writer.data)
+    idx_arr = ShardedArray(writer.indices)
+    chunk = data_arr.chunk_shape[0]
+    shard = data_arr.shard_shape[0]
+    nnz = int(out_indptr[-1])
+    n_rows = len(perm)
+    perm = perm.astype(buf.indptr.dtype, copy=False)
+    block = max(chunk, (_GATHER_ELEMS // chunk) * chunk)
+    max_row = int(np.diff(buf.indptr).max()) if n_rows else 0
+    g_data = pool.get("gather_data", block + 2 * max_row, plan.dtype)
+    g_idx = pool.get("gather_indices", block + 2 * max_row, buf.indices.dtype)
+    rows_done = 0
+    for s0 in range(0, nnz, shard):
+        _check_cancel(cancel)
+        b_data, b_idx = data_arr.builder(), idx_arr.builder()
+        s1 = min(s0 + shard, nnz)
+        for e0 in range(s0, s1, block):
+            e1 = min(e0 + block, s1)
+            r0 = int(np.searchsorted(out_indptr, e0, side="right")) - 1
+            r1 = int(np.searchsorted(out_indptr, e1, side="left"))
+            lo = int(out_indptr[r0])
+            m = int(out_indptr[r1]) - lo
+            _gather_rows(buf, perm[r0:r1], g_data[:m], g_idx[:m])
+            off = e0 - lo
+            for c0 in range(off, off + e1 - e0, chunk):
+                c1 = min(c0 + chunk, off + e1 - e0)
+                b_data.add(data_arr.pad(g_data[c0:c1]))
+                b_idx.add(idx_arr.pad(g_idx[c0:c1].astype(plan.index_dtype)))
+        while b_data.n_added < data_arr.n_chunks:  # chunks past the end of the array
+            b_data.add(None)
+            b_idx.add(None)
+        coords = (s0 // shard,)
+        data_arr.put(coords, b_data.finish())
+        idx_arr.put(coords, b_idx.finish())
+        finished = int(np.searchsorted(out_indptr, s1, side="right")) - 1 if s1 < nnz else n_rows
+        progress("rows", finished - rows_done)
+        rows_done = finished
+    progress("rows", n_rows - rows_done)
+
+
+def _write_dense_x(
+    writer: DatasetWriter,
+    dense: np.ndarray,
+    perm: np.ndarray,
+    pool: BufferPool,
+    progress: ProgressCallback,
+    cancel: threading.Event | None,
+) -> None:
+    """Stream permuted dense rows out chunk by chunk, one store write per shard."""
+    arr = ShardedArray(writer.x)
+    chunk = arr.chunk_shape[0]
+    shard = arr.shard_shape[0]
+    n_rows = len(perm)
+    scratch = pool.get("gather_dense", chunk * dense.shape[1], dense.dtype).reshape(chunk, dense.shape[1])
+    for s0 in range(0, n_rows, shard):
+        _check_cancel(cancel)
+        builder = arr.builder()
+        for c0 in range(s0, s0 + shard, chunk):
+            if c0 >= n_rows:
+                builder.add(None)
+                continue
+            c1 = min(c0 + chunk, n_rows)
+            np.take(dense, perm[c0:c1], axis=0, out=scratch[: c1 - c0])
+            builder.add(arr.pad(scratch[: c1 - c0]))
+        arr.put((s0 // shard, 0), builder.finish())
+        progress("rows", min(s0 + shard, n_rows) - s0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing one dataset
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +512,7 @@ def write_dataset(
     *,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    pool: BufferPool | None = None,
 ) -> dict[str, Any]:
     """Read, permute and write output dataset ``k``; record it complete.
 
@@ -346,6 +531,8 @@ def write_dataset(
     cancel
         Checked between reads and shard writes; when set, :class:`CancelledError` is raised and the dataset is
         left incomplete (a resume rewrites it).
+    pool
+        Scratch buffers to reuse across datasets.
 
     Returns
     -------
@@ -357,41 +544,21 @@ def write_dataset(
     perm = plan.dataset_permutation(k)
     n_rows = len(perm)
     obs = _build_obs(plan, sources, runs).iloc[perm]
+    pool = pool if pool is not None else BufferPool()
     if plan.x_kind == "csr":
-        mat = _read_csr(plan, sources, runs, progress, cancel)
-        out_nnz = np.diff(mat.indptr)[perm]
-        out_indptr = np.concatenate([[0], np.cumsum(out_nnz, dtype=np.int64)])
-        writer = DatasetWriter(root, k, plan, n_rows, int(out_indptr[-1]))
-        writer.indptr[...] = out_indptr
+        buf = _read_csr(plan, sources, runs, pool, progress, cancel)
+        out_nnz = np.diff(buf.indptr)[perm]
+        out_indptr = np.zeros(n_rows + 1, dtype=np.int64)
+        np.cumsum(out_nnz, out=out_indptr[1:])
         nnz = int(out_indptr[-1])
-        step = writer.shard_elems
-        rows_done = 0
-        for e0 in range(0, nnz, step):
-            _check_cancel(cancel)
-            e1 = min(e0 + step, nnz)
-            r0 = int(np.searchsorted(out_indptr, e0, side="right")) - 1
-            r1 = int(np.searchsorted(out_indptr, e1, side="left"))
-            block = mat[perm[r0:r1]]
-            off = e0 - int(out_indptr[r0])
-            writer.data[e0:e1] = block.data[off : off + e1 - e0]
-            writer.indices[e0:e1] = block.indices[off : off + e1 - e0].astype(plan.index_dtype, copy=False)
-            del block
-            finished = int(np.searchsorted(out_indptr, e1, side="right")) - 1 if e1 < nnz else n_rows
-            progress("rows", finished - rows_done)
-            rows_done = finished
-        progress("rows", n_rows - rows_done)
-        del mat
+        writer = DatasetWriter(root, k, plan, n_rows, nnz)
+        writer.indptr[...] = out_indptr
+        _write_csr_x(plan, writer, buf, perm, out_indptr, pool, progress, cancel)
     else:
-        buf = _read_dense(plan, sources, runs, progress, cancel)
+        dense = _read_dense(plan, sources, runs, pool, progress, cancel)
         writer = DatasetWriter(root, k, plan, n_rows)
-        step = writer.shard_rows
         nnz = n_rows * plan.n_vars
-        for r0 in range(0, n_rows, step):
-            _check_cancel(cancel)
-            r1 = min(r0 + step, n_rows)
-            writer.x[r0:r1] = buf[perm[r0:r1]]
-            progress("rows", r1 - r0)
-        del buf
+        _write_dense_x(writer, dense, perm, pool, progress, cancel)
     writer.write_frames(obs)
     record = {"n_obs": n_rows, "nnz": nnz}
     mark_complete(root, k, record)
@@ -463,16 +630,18 @@ def execute(
             on_progress(what, n)
 
     sources = _open_for_plan(plan)
+    pool = BufferPool()
     try:
         for k in range(plan.n_datasets):
             if k in state.complete:
                 continue
             t = time.perf_counter()
-            write_dataset(plan, k, sources, state.root, progress=report, cancel=cancel)
+            write_dataset(plan, k, sources, state.root, progress=report, cancel=cancel, pool=pool)
             result.dataset_seconds.append(time.perf_counter() - t)
             result.datasets_written += 1
         commit(state.root, plan)
     finally:
+        pool.clear()
         bars.close()
         for s in sources:
             s.close()

@@ -14,6 +14,7 @@ parameters; it performs no I/O. Everything the engine does is derived from it:
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -216,10 +217,44 @@ def make_unique(names: pd.Index) -> pd.Index:
     return pd.Index(out, dtype=object)
 
 
+def _ordered_union(names: list[pd.Index]) -> pd.Index:
+    """Union of gene lists in an order consistent with every list, when one exists.
+
+    Genes are ordered topologically over "comes before" edges between consecutive genes of each input
+    (ties broken by first appearance), so inputs that are subsets of one reference gene order merge into
+    that order and every input's columns map to increasing output columns: CSR rows need no re-sorting.
+    When the inputs disagree on the order (a cycle), the first-appearance order is used.
+    """
+    first = pd.Index(pd.unique(np.concatenate([np.asarray(n, dtype=object) for n in names])), dtype=object)
+    n = len(first)
+    codes = [first.get_indexer(v).astype(np.int64) for v in names]
+    if all(np.all(np.diff(c) > 0) for c in codes):
+        return first
+    pairs = np.concatenate([c[:-1] * n + c[1:] for c in codes if len(c) > 1])
+    pairs = np.unique(pairs)
+    src, dst = pairs // n, pairs % n
+    indegree = np.bincount(dst, minlength=n)
+    order_by_src = np.argsort(src, kind="stable")
+    starts = np.searchsorted(src[order_by_src], np.arange(n + 1))
+    targets = dst[order_by_src]
+    heap = [int(i) for i in np.flatnonzero(indegree == 0)]
+    heapq.heapify(heap)
+    out: list[int] = []
+    while heap:
+        node = heapq.heappop(heap)
+        out.append(node)
+        for t in targets[starts[node] : starts[node + 1]]:
+            indegree[t] -= 1
+            if indegree[t] == 0:
+                heapq.heappush(heap, int(t))
+    if len(out) < n:  # the inputs order their genes differently
+        return first
+    return pd.Index(np.asarray(first)[np.asarray(out)], dtype=object)
+
+
 def _join_var(infos: list[SourceInfo], var_join: VarJoin) -> pd.Index:
     if var_join == "outer":
-        allnames = np.concatenate([np.asarray(i.var_names, dtype=object) for i in infos])
-        return pd.Index(pd.unique(allnames), dtype=object)
+        return _ordered_union([i.var_names for i in infos])
     common = infos[0].var_names
     for info in infos[1:]:
         common = common[common.isin(info.var_names)]
