@@ -91,7 +91,7 @@ def _cmd_shuffle(args: argparse.Namespace) -> int:
     p = plan(args.inputs, **_plan_kwargs(args))
     if not args.quiet:
         print(f"plan: {p.describe()}", file=sys.stderr)
-    result = p.run(args.output, progress=not args.no_progress)
+    result = p.run(args.output, progress=not args.no_progress, restart=args.restart)
     if result.already_complete:
         print(f"{args.output}: already complete, nothing to do")
         return 0
@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="collection path (.zarr)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the plan")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard an earlier annbatch-nb run at OUTPUT (only what it wrote)",
+    )
     p.set_defaults(func=_cmd_shuffle)
 
     p = sub.add_parser("validate", help="check a collection (and, with --inputs, its content)")

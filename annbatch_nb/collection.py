@@ -15,9 +15,12 @@ every dataset is complete, so an interrupted run is never loadable as a collecti
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +84,8 @@ class OutputState:
         Whether the collection is already finished (marker present).
     resumed
         Whether an earlier run's state was found.
+    lock
+        The writer lock this process holds.
     """
 
     path: str
@@ -88,6 +93,7 @@ class OutputState:
     complete: set[int] = field(default_factory=set)
     committed: bool = False
     resumed: bool = False
+    lock: Path | None = None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -127,8 +133,120 @@ def _read_manifest(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def open_output(path: str | os.PathLike[str], plan: Plan) -> OutputState:
-    """Create the output for ``plan``, or reopen an unfinished run of the same plan.
+LOCK_NAME = "lock.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def acquire_lock(path: Path) -> Path:
+    """Take the output's writer lock (``annbatch_nb/lock.json``), or say who holds it.
+
+    A lock left by a process that is no longer alive on this host is taken over.
+
+    Raises
+    ------
+    OutputError
+        If another live process holds the lock.
+    """
+    lock_dir = path / META_KEY
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_dir / LOCK_NAME
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            pid, host = int(holder.get("pid", -1)), str(holder.get("host", "?"))
+            if host == me["host"] and (pid == os.getpid() or not _pid_alive(pid)):
+                lock.unlink(missing_ok=True)  # stale: its writer died; take it over
+                continue
+            raise OutputError(
+                path,
+                f"is locked by another run (pid {pid} on host {host} since {holder.get('since', '?')}); "
+                f"wait for it to finish, or remove {lock} if that run is gone",
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise OutputError(path, f"could not take the lock {lock}")  # pragma: no cover - lost three races
+
+
+def release_lock(lock: Path | None) -> None:
+    """Remove a lock taken by :func:`acquire_lock` (only if this process still holds it)."""
+    if lock is None:
+        return
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return
+    if holder.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def _only_our_lock(path: Path) -> bool:
+    """True when the directory holds nothing but the lock of a run that died before writing its manifest."""
+    entries = list(path.iterdir())
+    if [e.name for e in entries] != [META_KEY] or not entries[0].is_dir():
+        return False
+    return {e.name for e in entries[0].iterdir()} <= {LOCK_NAME}
+
+
+def _mismatch(manifest: dict[str, Any], plan: Plan) -> str:
+    """Say how an existing run differs from ``plan``."""
+    old_inputs = {r.get("abspath"): r for r in manifest.get("inputs", [])}
+    for rec in plan.inputs_record():
+        old = old_inputs.get(rec["abspath"])
+        if old is not None and (old.get("size_bytes"), old.get("mtime")) != (rec["size_bytes"], rec["mtime"]):
+            return (
+                f"was started from {rec['path']} as it was before it changed (size or mtime differ); "
+                "re-run with restart (--restart) to start over, or choose a new output path"
+            )
+    if [r.get("abspath") for r in manifest.get("inputs", [])] != [r["abspath"] for r in plan.inputs_record()]:
+        return "holds a run of other inputs; choose a new output path, or re-run with restart (--restart)"
+    old_params = manifest.get("params", {})
+    diffs = [
+        f"{k} {old_params.get(k)!r} -> {v!r}"
+        for k, v in plan.params.to_dict().items()
+        if old_params.get(k) != v
+    ]
+    if diffs:
+        return (
+            f"holds a run with other parameters ({', '.join(diffs)}); choose a new output path, "
+            "or re-run with restart (--restart)"
+        )
+    return "holds a run of a different plan (annbatch-nb version?); re-run with restart (--restart)"
+
+
+def remove_run(path: Path) -> None:
+    """Delete what annbatch-nb wrote at ``path`` (datasets, manifest, root metadata); keep anything else."""
+    manifest = _read_manifest(path)
+    if manifest is None or manifest.get("tool") != "annbatch-nb":
+        raise OutputError(path, "was not written by annbatch-nb; refusing to delete anything in it")
+    for entry in path.iterdir():
+        if DATASET_RE.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry)
+    for name in ("zarr.json", ".zgroup", ".zattrs"):
+        (path / name).unlink(missing_ok=True)
+    meta = path / META_KEY
+    for entry in meta.iterdir():
+        if entry.name != LOCK_NAME:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def open_output(path: str | os.PathLike[str], plan: Plan, *, restart: bool = False) -> OutputState:
+    """Create the output for ``plan``, or reopen an unfinished run of the same plan; take its lock.
 
     Parameters
     ----------
@@ -136,49 +254,54 @@ def open_output(path: str | os.PathLike[str], plan: Plan) -> OutputState:
         Output location.
     plan
         The plan to write.
+    restart
+        Start over: remove what an earlier annbatch-nb run wrote there (only that), then write anew.
 
     Returns
     -------
     OutputState
-        The opened output, with the datasets an earlier run already completed.
+        The opened output, with the datasets an earlier run already completed. Release its lock with
+        :func:`release_lock` (``state.lock``).
 
     Raises
     ------
     OutputError
-        If the path exists and is not an empty directory or a run of this same plan, or cannot be written.
+        If the path exists and is not an empty directory or a run of this same plan, cannot be written, or
+        is locked by another live run.
     """
     p = Path(path)
     _check_location(p, plan)
-    if p.exists() and any(p.iterdir()):
-        manifest = _read_manifest(p)
-        if manifest is None or manifest.get("tool") != "annbatch-nb":
-            raise OutputError(p, "exists and was not written by annbatch-nb; choose a new output path")
-        if manifest.get("fingerprint") != plan.fingerprint:
-            raise OutputError(
-                p,
-                "holds a run with different inputs or parameters; choose a new output path "
-                "(or delete it, if you no longer need it)",
-            )
+    fresh = not p.exists() or not any(p.iterdir()) or _only_our_lock(p)
+    manifest = None if fresh else _read_manifest(p)
+    if not fresh and (manifest is None or manifest.get("tool") != "annbatch-nb"):
+        raise OutputError(p, "exists and was not written by annbatch-nb; choose a new output path")
+    if manifest is not None and manifest.get("fingerprint") != plan.fingerprint and not restart:
+        raise OutputError(p, _mismatch(manifest, plan))
+    p.mkdir(parents=True, exist_ok=True)
+    lock = acquire_lock(p)
+    try:
+        if manifest is not None and restart:
+            remove_run(p)
+            manifest = None
+        if manifest is None:
+            root = zarr.open_group(str(p), mode="a", zarr_format=3)
+            _write_manifest(root, plan)
+            return OutputState(str(p), root, lock=lock)
         root = zarr.open_group(str(p), mode="r+")
-        state = OutputState(str(p), root, resumed=True)
+        state = OutputState(str(p), root, resumed=True, lock=lock)
         state.committed = is_committed(root)
         done = root[META_KEY].get("complete")
         if done is not None:
             state.complete = {int(k) for k in done.group_keys() if k.isdigit() and int(k) < plan.n_datasets}
-        for key in root.group_keys():
+        for key in list(root.group_keys()):
             m = DATASET_RE.match(key)
             if m and int(m.group(1)) not in state.complete:
                 # an unfinished dataset of our own earlier run: remove it, it will be rewritten whole
-                _delete_node(p, key)
+                shutil.rmtree(p / key, ignore_errors=True)
         return state
-    p.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(p), mode="w", zarr_format=3)
-    _write_manifest(root, plan)
-    return OutputState(str(p), root)
-
-
-def _delete_node(path: Path, key: str) -> None:
-    shutil.rmtree(path / key, ignore_errors=True)
+    except BaseException:
+        release_lock(lock)
+        raise
 
 
 def _write_manifest(root: zarr.Group, plan: Plan) -> None:
@@ -257,6 +380,7 @@ class DatasetWriter:
     """
 
     def __init__(self, root: zarr.Group, k: int, plan: Plan, n_rows: int, nnz: int = 0) -> None:
+        self.k = k
         self.plan = plan
         self.n_rows = n_rows
         self.nnz = nnz

@@ -8,6 +8,7 @@ the output dtype + int32 column indices + row pointers; dense: the rows) plus on
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -18,8 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .collection import DatasetWriter, commit, mark_complete, open_output
-from .errors import CancelledError, InputError
+from .collection import DatasetWriter, commit, mark_complete, open_output, release_lock
+from .errors import CancelledError, InputError, OutputError
 from .plan import DEFAULT_DATASET_SIZE, Plan, VarJoin, plan
 from .shards import ShardedArray
 from .sources import ColumnSpec, InputSpec, Source, open_source
@@ -27,13 +28,25 @@ from .sources import ColumnSpec, InputSpec, Source, open_source
 __all__ = ["ShuffleResult", "execute", "shuffle", "write_dataset"]
 
 try:  # scipy's compiled kernels (row gather, in-place row sort); numpy fallbacks below
+    from scipy.sparse._sparsetools import csr_has_sorted_indices as _csr_has_sorted_indices
     from scipy.sparse._sparsetools import csr_row_index as _csr_row_index
     from scipy.sparse._sparsetools import csr_sort_indices as _csr_sort_indices
 except ImportError:  # pragma: no cover - scipy moved them
-    _csr_row_index = _csr_sort_indices = None
+    _csr_row_index = _csr_sort_indices = _csr_has_sorted_indices = None
 
 
 ProgressCallback = Callable[[str, int], None]
+
+#: Environment variable naming points where the process kills itself (SIGKILL), for crash tests:
+#: ``start``, ``dataset-read:K``, ``shard:K``, ``dataset-written:K``, ``before-commit`` (comma separated).
+STOP_ENV = "ANNBATCH_NB_STOP_AT"
+
+
+def stop_point(name: str) -> None:
+    """Die here like ``kill -9`` if ``$ANNBATCH_NB_STOP_AT`` names this point (crash-safety tests)."""
+    wanted = os.environ.get(STOP_ENV)
+    if wanted and name in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -156,7 +169,7 @@ class BufferPool:
     def get(self, name: str, n: int, dtype: np.dtype | type) -> np.ndarray:
         """A 1-D array of ``n`` elements of ``dtype`` (contents undefined), grown when too small."""
         dtype = np.dtype(dtype)
-        nbytes = max(n * dtype.itemsize, 1)
+        nbytes = n * dtype.itemsize  # may be 0 (an all-zero CSR dataset has no entries)
         cur = self._arrays.get(name)
         if cur is None or cur.nbytes < nbytes:
             self._arrays.pop(name, None)
@@ -254,7 +267,7 @@ def _read_csr(
     indptr[0] = 0
     np.cumsum(row_nnz, out=indptr[1:])
     buf = CSRBuffer(data[:pos], indices[:pos], indptr)
-    if needs_sort:
+    if needs_sort or not _rows_sorted(buf):  # remapped columns, or an input that stores rows unsorted
         _sort_rows(buf, plan.n_vars)
     return buf
 
@@ -264,6 +277,16 @@ def _remap_in_place(indices: np.ndarray, vmap: np.ndarray, step: int = 1 << 20) 
     for a in range(0, len(indices), step):
         seg = indices[a : a + step]
         seg[...] = vmap[seg]
+
+
+def _rows_sorted(buf: CSRBuffer) -> bool:
+    """Whether column indices never decrease within a row (one pass, no temporaries with scipy's kernel)."""
+    if _csr_has_sorted_indices is not None and buf.indptr.dtype == buf.indices.dtype:
+        return bool(_csr_has_sorted_indices(buf.n_rows, buf.indptr, buf.indices))
+    steps = np.diff(buf.indices.astype(np.int64)) >= 0
+    row_ends = buf.indptr[1:-1] - 1  # a step from a row's last entry into the next row does not count
+    steps[row_ends[(row_ends >= 0) & (row_ends < len(steps))]] = True
+    return bool(steps.all())
 
 
 def _sort_rows(buf: CSRBuffer, n_vars: int) -> None:
@@ -466,6 +489,7 @@ def _write_csr_x(
             b_idx.add(None)
         coords = (s0 // shard,)
         data_arr.put(coords, b_data.finish())
+        stop_point(f"shard:{writer.k}")
         idx_arr.put(coords, b_idx.finish())
         finished = int(np.searchsorted(out_indptr, s1, side="right")) - 1 if s1 < nnz else n_rows
         progress("rows", finished - rows_done)
@@ -498,6 +522,7 @@ def _write_dense_x(
             np.take(dense, perm[c0:c1], axis=0, out=scratch[: c1 - c0])
             builder.add(arr.pad(scratch[: c1 - c0]))
         arr.put((s0 // shard, 0), builder.finish())
+        stop_point(f"shard:{writer.k}")
         progress("rows", min(s0 + shard, n_rows) - s0)
 
 
@@ -547,6 +572,7 @@ def write_dataset(
     pool = pool if pool is not None else BufferPool()
     if plan.x_kind == "csr":
         buf = _read_csr(plan, sources, runs, pool, progress, cancel)
+        stop_point(f"dataset-read:{k}")
         out_nnz = np.diff(buf.indptr)[perm]
         out_indptr = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(out_nnz, out=out_indptr[1:])
@@ -556,10 +582,12 @@ def write_dataset(
         _write_csr_x(plan, writer, buf, perm, out_indptr, pool, progress, cancel)
     else:
         dense = _read_dense(plan, sources, runs, pool, progress, cancel)
+        stop_point(f"dataset-read:{k}")
         writer = DatasetWriter(root, k, plan, n_rows)
         nnz = n_rows * plan.n_vars
         _write_dense_x(writer, dense, perm, pool, progress, cancel)
     writer.write_frames(obs)
+    stop_point(f"dataset-written:{k}")
     record = {"n_obs": n_rows, "nnz": nnz}
     mark_complete(root, k, record)
     return record
@@ -568,6 +596,11 @@ def write_dataset(
 # --------------------------------------------------------------------------------------------------
 # Running a whole plan
 # --------------------------------------------------------------------------------------------------
+def _close_all(sources: list[Source]) -> None:
+    for s in sources:
+        s.close()
+
+
 def _open_for_plan(plan: Plan) -> list[Source]:
     sources: list[Source] = []
     try:
@@ -592,6 +625,7 @@ def execute(
     progress: bool = True,
     cancel: threading.Event | None = None,
     on_progress: ProgressCallback | None = None,
+    restart: bool = False,
 ) -> ShuffleResult:
     """Write ``plan`` as a collection at ``output`` (resuming an interrupted run of the same plan).
 
@@ -607,16 +641,32 @@ def execute(
         Set it (from another thread) to stop; the output stays resumable.
     on_progress
         Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments.
+    restart
+        Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
 
     Returns
     -------
     ShuffleResult
         What was written.
+
+    Raises
+    ------
+    OutputError
+        If the output cannot be used or written (the run stays resumable).
+    CancelledError
+        If ``cancel`` was set (the run stays resumable).
     """
     t0 = time.perf_counter()
-    state = open_output(output, plan)
+    sources = _open_for_plan(plan)  # inputs first: a vanished or changed input creates no output
+    try:
+        state = open_output(output, plan, restart=restart)
+    except BaseException:
+        _close_all(sources)
+        raise
     result = ShuffleResult(output=str(output), plan=plan, datasets_resumed=len(state.complete))
     if state.committed:
+        release_lock(state.lock)
+        _close_all(sources)
         result.already_complete = True
         result.seconds = time.perf_counter() - t0
         return result
@@ -629,9 +679,9 @@ def execute(
         if on_progress is not None:
             on_progress(what, n)
 
-    sources = _open_for_plan(plan)
     pool = BufferPool()
     try:
+        stop_point("start")
         for k in range(plan.n_datasets):
             if k in state.complete:
                 continue
@@ -639,12 +689,20 @@ def execute(
             write_dataset(plan, k, sources, state.root, progress=report, cancel=cancel, pool=pool)
             result.dataset_seconds.append(time.perf_counter() - t)
             result.datasets_written += 1
+        stop_point("before-commit")
         commit(state.root, plan)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise OutputError(
+            output,
+            f"writing failed ({reason}); nothing was committed: fix that and re-run the same command "
+            "to resume",
+        ) from e
     finally:
         pool.clear()
         bars.close()
-        for s in sources:
-            s.close()
+        _close_all(sources)
+        release_lock(state.lock)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -662,6 +720,7 @@ def shuffle(
     dtype: Any = None,
     progress: bool = True,
     cancel: threading.Event | None = None,
+    restart: bool = False,
 ) -> ShuffleResult:
     """Preshuffle AnnData files into an annbatch collection.
 
@@ -694,6 +753,8 @@ def shuffle(
         Show progress bars.
     cancel
         A :class:`threading.Event`; setting it stops the run, leaving it resumable.
+    restart
+        Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
 
     Returns
     -------
@@ -710,4 +771,4 @@ def shuffle(
         var_join=var_join,
         dtype=dtype,
     )
-    return execute(p, output, progress=progress, cancel=cancel)
+    return execute(p, output, progress=progress, cancel=cancel, restart=restart)
