@@ -277,8 +277,11 @@ def open_output(path: str | os.PathLike[str], plan: Plan, *, restart: bool = Fal
         raise OutputError(p, "exists and was not written by annbatch-nb; choose a new output path")
     if manifest is not None and manifest.get("fingerprint") != plan.fingerprint and not restart:
         raise OutputError(p, _mismatch(manifest, plan))
-    p.mkdir(parents=True, exist_ok=True)
-    lock = acquire_lock(p)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        lock = acquire_lock(p)
+    except OSError as e:
+        raise OutputError(p, f"cannot be written ({e.strerror or e}); choose a writable location") from None
     try:
         if manifest is not None and restart:
             remove_run(p)

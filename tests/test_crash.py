@@ -209,3 +209,11 @@ def test_write_error_is_one_line_and_resumable(
     monkeypatch.setattr(ShardedArray, "put", real_put)  # space freed
     p.run(out, progress=False)
     assert _digest(out) == reference
+
+
+@pytest.mark.parametrize("where", ["/proc/annbatch-nb-test.zarr", "/sys/annbatch-nb-test.zarr"])
+def test_unwritable_output_location_is_one_line(inputs: list[str], where: str) -> None:
+    # root ignores permission bits, so use file systems nobody can create files in
+    with pytest.raises(abn.OutputError, match="cannot be written") as info:
+        abn.shuffle(inputs[:2], where, progress=False)
+    assert str(info.value).startswith(where) and "\n" not in str(info.value)
