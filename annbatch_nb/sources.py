@@ -248,7 +248,14 @@ class Source(ABC):
         self.spec = spec
         self._root: Any = None
         self._indptr: np.ndarray | None = None
-        self.info = info if info is not None else self._scan()
+        if info is None:
+            try:
+                info = self._scan()
+            except (OSError, KeyError) as e:  # how h5py and zarr report damaged files
+                self.close()
+                reason = str(e).strip("'\"").split("\n")[0] or type(e).__name__
+                raise self._fail(f"cannot be read ({reason}); the file is corrupt") from e
+        self.info = info
 
     # -- format hooks ---------------------------------------------------------------------------------
     @abstractmethod

@@ -39,15 +39,20 @@ def make_adata(
     density: float = 0.15,
     prefix: str = "cell",
     obs: dict[str, Any] | None = None,
+    index_dtype: Any = None,
 ) -> ad.AnnData:
-    """A counts-like AnnData; ``obs`` maps column names to values or to ``callable(rng, n_obs)``."""
+    """A counts-like AnnData; ``obs`` maps column names to values or to ``callable(rng, n_obs)``.
+
+    ``index_dtype=None`` gives pandas' default string index (anndata writes a nullable-string-array);
+    ``object`` gives an object index (a plain string-array).
+    """
     rng = np.random.default_rng(seed)
-    var_names = pd.Index(np.asarray(var_names, dtype=object))
+    var_names = pd.Index(list(var_names), dtype=index_dtype)
     mask = rng.random((n_obs, len(var_names))) < density
     values = np.where(mask, rng.integers(1, 100, size=mask.shape), 0).astype(dtype)
     matrix = sp.csr_matrix(values) if x == "csr" else values
     columns = {k: (v(rng, n_obs) if callable(v) else v) for k, v in (obs or {}).items()}
-    obs_df = pd.DataFrame(columns, index=pd.Index([f"{prefix}{i}" for i in range(n_obs)], dtype=object))
+    obs_df = pd.DataFrame(columns, index=pd.Index([f"{prefix}{i}" for i in range(n_obs)], dtype=index_dtype))
     return ad.AnnData(X=matrix, obs=obs_df, var=pd.DataFrame(index=var_names))
 
 
@@ -64,8 +69,14 @@ def ints(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 1000, size=n).astype(np.int64)
 
 
-def strings(rng: np.random.Generator, n: int) -> np.ndarray:
+def labels(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Repeated strings: anndata stores them as a categorical."""
     return np.array([f"s{v}" for v in rng.integers(0, 50, size=n)], dtype=object)
+
+
+def barcodes(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Unique strings: anndata stores them as a string column."""
+    return np.array([f"{v}-{i}" for i, v in enumerate(rng.integers(0, 10**6, size=n))], dtype=object)
 
 
 def bools(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -144,8 +155,8 @@ def mixed_adatas() -> dict[str, tuple[ad.AnnData, str]]:
 
     - ``a.h5ad``: CSR float32, genes 0..199 in order.
     - ``b.zarr`` (v3): CSR int64, genes 100..299 *reversed*; no ``count``/``flag``; has ``batch``.
-    - ``c.zarr`` (v2): dense float32, genes 50..249 in random order; no ``score``/``label``.
-    - ``d.h5ad``: CSR float32, genes 0..299 shuffled; every obs column but ``batch``.
+    - ``c.zarr`` (v2): dense float32, genes 50..249 in random order; no ``score``/``label``/``barcode``.
+    - ``d.h5ad``: CSR float32, genes 0..299 shuffled; no ``batch``/``barcode``.
 
     ``a``, ``b`` and ``d`` use the same cell names, so later copies get ``-1``/``-2`` suffixes.
     """
@@ -162,7 +173,8 @@ def mixed_adatas() -> dict[str, tuple[ad.AnnData, str]]:
                     "cell_type": categorical(["T", "B"]),
                     "score": floats,
                     "count": ints,
-                    "label": strings,
+                    "label": labels,
+                    "barcode": barcodes,
                     "flag": bools,
                 },
             ),
@@ -177,7 +189,8 @@ def mixed_adatas() -> dict[str, tuple[ad.AnnData, str]]:
                 obs={
                     "cell_type": categorical(["B", "NK", "mono"]),
                     "score": floats,
-                    "label": strings,
+                    "label": labels,
+                    "barcode": barcodes,
                     "batch": categorical(["b1", "b2"]),
                 },
             ),
@@ -190,6 +203,7 @@ def mixed_adatas() -> dict[str, tuple[ad.AnnData, str]]:
                 seed=3,
                 x="dense",
                 prefix="ccell",
+                index_dtype=object,
                 obs={"cell_type": categorical(["NK", "DC"]), "count": ints, "flag": bools},
             ),
             "zarr2",
@@ -204,7 +218,7 @@ def mixed_adatas() -> dict[str, tuple[ad.AnnData, str]]:
                     "cell_type": categorical(["T"]),
                     "score": floats,
                     "count": ints,
-                    "label": strings,
+                    "label": labels,
                     "flag": bools,
                 },
             ),
@@ -223,7 +237,7 @@ class Shuffled:
     kwargs: dict[str, Any]
 
 
-MIXED_KWARGS: dict[str, Any] = {"shuffle_chunk_size": 40, "dataset_size": 300, "seed": 3}
+MIXED_KWARGS: dict[str, Any] = {"shuffle_chunk_size": 40, "dataset_size": 450, "seed": 3}
 
 
 @pytest.fixture(scope="session")
@@ -296,6 +310,11 @@ class CollectionCheck:
     source: np.ndarray  # input index of every output row (collection order)
     source_row: np.ndarray  # row within that input
     rows_per_dataset: list[int]
+
+    @property
+    def dataset(self) -> np.ndarray:
+        """Dataset number of every output row (collection order)."""
+        return np.repeat(np.arange(len(self.rows_per_dataset)), self.rows_per_dataset)
 
 
 def check_collection(
@@ -376,14 +395,18 @@ def check_collection(
         expected = pd.Series(
             np.concatenate(
                 [
-                    np.asarray(a.obs[c].astype(object)) if c in a.obs else np.full(a.n_obs, None, dtype=object)
+                    np.asarray(a.obs[c].astype(object))
+                    if c in a.obs
+                    else np.full(a.n_obs, None, dtype=object)
                     for a in adatas
                 ]
             )
         )
         assert values_equal(expected[glob].reset_index(drop=True), out_obs[c].reset_index(drop=True)), c
         cat_lists = {
-            tuple(d.obs[c].cat.categories) for d in datasets if isinstance(d.obs[c].dtype, pd.CategoricalDtype)
+            tuple(d.obs[c].cat.categories)
+            for d in datasets
+            if isinstance(d.obs[c].dtype, pd.CategoricalDtype)
         }
         assert len(cat_lists) <= 1, f"obs column {c!r} has different categories across datasets"
 

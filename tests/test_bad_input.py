@@ -8,6 +8,7 @@ no file under ``tmp_path`` is modified.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ def good(tmp_path: Path, name: str = "good.h5ad", n_obs: int = 100) -> str:
     return str(write_adata(make_adata(n_obs, GENES[:30], seed=0), tmp_path / name, "h5ad"))
 
 
+def reconsolidate(store: Path) -> None:
+    """anndata consolidates zarr metadata: refresh the root's copy after editing an element."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "consolidated metadata is not part of zarr v3"
+        zarr.consolidate_metadata(store)
+
+
 def missing_path(tmp_path: Path):
     p = str(tmp_path / "missing.h5ad")
     return [good(tmp_path), p], {}, p
@@ -50,6 +58,20 @@ def glob_matches_nothing(tmp_path: Path):
 def truncated_h5ad(tmp_path: Path):
     p = good(tmp_path, "truncated.h5ad", n_obs=500)
     os.truncate(p, os.path.getsize(p) // 2)
+    return [p], {}, p
+
+
+def damaged_h5ad(tmp_path: Path):
+    """Same size, but the bytes of the cell names are overwritten (a bad copy, a failing disk)."""
+    p = good(tmp_path, "damaged.h5ad")
+    with h5py.File(p, "r") as f:
+        offset = f["obs/_index/values"].id.get_offset()
+    # each variable-length string is stored as (length: u4, heap address: u8, heap index: u4): keep the
+    # lengths small (no huge allocation) and point the addresses nowhere
+    broken = (np.uint32(4).tobytes() + b"\xff" * 8 + np.uint32(0).tobytes()) * 2
+    with open(p, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(broken)
     return [p], {}, p
 
 
@@ -90,7 +112,7 @@ def csc_x(tmp_path: Path):
 def dense_x_unsupported_encoding(tmp_path: Path):
     p = write_adata(make_adata(50, GENES[:20], seed=1, x="dense"), tmp_path / "weird.zarr", "zarr3")
     zarr.open_array(p / "X", mode="r+").attrs["encoding-type"] = "awkward-array"
-    zarr.consolidate_metadata(p)  # anndata consolidates; keep the root's copy of the metadata in step
+    reconsolidate(p)
     return [str(p)], {}, str(p)
 
 
@@ -108,7 +130,9 @@ def zero_cells(tmp_path: Path):
 
 
 def zero_genes(tmp_path: Path):
-    a = ad.AnnData(X=np.zeros((20, 0), dtype=np.float32), obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]))
+    a = ad.AnnData(
+        X=np.zeros((20, 0), dtype=np.float32), obs=pd.DataFrame(index=[f"c{i}" for i in range(20)])
+    )
     p = write_adata(a, tmp_path / "nogenes.zarr", "zarr3")
     return [str(p)], {}, str(p)
 
@@ -130,7 +154,7 @@ def string_x_zarr(tmp_path: Path):
         "X", shape=(20, 5), dtype=str, attributes={"encoding-type": "array", "encoding-version": "0.2.0"}
     )
     x[...] = np.full((20, 5), "abc", dtype=object)
-    zarr.consolidate_metadata(p)
+    reconsolidate(p)
     return [str(p)], {}, str(p)
 
 
@@ -184,6 +208,7 @@ CASES: dict[str, Case] = {
     "empty directory": empty_directory,
     "glob matches nothing": glob_matches_nothing,
     "truncated h5ad": truncated_h5ad,
+    "damaged h5ad": damaged_h5ad,
     "plain HDF5 file": plain_hdf5,
     "text file named .h5ad": text_file_named_h5ad,
     "zarr group that is not AnnData": zarr_not_anndata,
