@@ -243,6 +243,12 @@ def _read_csr(
             pos += part.nnz
             continue
         n = src.read_csr_into(r, data[pos:], indices[pos:])
+        if n and (
+            int(indices[pos : pos + n].min()) < 0 or int(indices[pos : pos + n].max()) >= src.info.n_vars
+        ):
+            raise InputError(
+                src.info.display, "X/indices holds column numbers outside 0..n_vars-1; the file is corrupt"
+            )
         progress("bytes", n * (src.info.dtype.itemsize + 4) + len(counts[j]) * 8)
         vmap = plan.var_maps[i]
         if not _is_identity(vmap):
@@ -415,6 +421,15 @@ def _obs_column(spec: ColumnSpec, pieces: list[tuple[int, Any, int]], n: int) ->
     return out
 
 
+def _as_target(target: ColumnSpec, source: ColumnSpec | None, val: Any) -> Any:
+    """Turn a categorical input column into plain strings where the output column is a string column."""
+    if val is None or source is None or target.kind != "string" or source.kind != "categorical":
+        return val
+    codes, cats = val
+    cats_arr = np.asarray([str(c) for c in cats or ()] + [None], dtype=object)
+    return cats_arr[np.where(np.asarray(codes) >= 0, codes, len(cats_arr) - 1)]
+
+
 def _build_obs(plan: Plan, sources: list[Source], runs: np.ndarray) -> pd.DataFrame:
     """Obs of the runs in read order, in the unified schema, with src_path and unique names."""
     n = int((runs[:, 2] - runs[:, 1]).sum())
@@ -431,7 +446,10 @@ def _build_obs(plan: Plan, sources: list[Source], runs: np.ndarray) -> pd.DataFr
             codes = np.concatenate([np.full(m, i, dtype=np.int64) for i, _, m in per_input])
             columns[name] = pd.Categorical.from_codes(codes, categories=pd.Index(list(spec.categories or ())))
             continue
-        pieces = [(i, cols.get(name), m) for i, cols, m in per_input]
+        pieces = [
+            (i, _as_target(spec, plan.inputs[i].obs_columns.get(name), cols.get(name)), m)
+            for i, cols, m in per_input
+        ]
         columns[name] = _obs_column(spec, pieces, n)
     names = plan.obs_names[np.concatenate(global_rows)] if global_rows else pd.Index([])
     return pd.DataFrame(columns, index=pd.Index(np.asarray(names, dtype=object), dtype=object))

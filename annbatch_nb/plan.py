@@ -294,7 +294,7 @@ def _unify_column(name: str, present: list[tuple[SourceInfo, ColumnSpec]], missi
         if not as_str and cat_kinds & set("OSUT"):
             dtype = "object"
         return ColumnSpec("categorical", dtype, tuple(cats), ordered)
-    if kinds == {"string"}:
+    if kinds <= {"string", "categorical"}:  # anndata stores repetitive strings as categoricals
         return ColumnSpec("string", "object")
     if kinds <= {"numeric", "nullable-integer"}:
         dt = np.result_type(*[np.dtype(s.dtype) for _, s in present])

@@ -410,3 +410,35 @@ def test_directory_glob_and_list_order(inputs, tmp_path: Path) -> None:
     r_glob = shuffle([pattern, a], tmp_path / "glob.zarr", **kwargs)
     assert [i.path for i in r_glob.plan.inputs] == [b, c, a]
     check_collection(tmp_path / "glob.zarr", [b, c, a])
+
+
+def test_string_column_stored_as_categorical_in_one_file_becomes_strings(inputs, tmp_path: Path) -> None:
+    # anndata stores a string column as a categorical when its values repeat; the same column may therefore be
+    # categorical in one file and plain strings in another
+    genes = [f"g{i}" for i in range(12)]
+    a = make_adata(40, genes, seed=1, obs={"barcode_group": pd.Categorical(["AA", "CC"] * 20)})
+    b = make_adata(
+        30, genes, seed=2, obs={"barcode_group": np.array([f"B{i}" for i in range(30)], dtype=object)}
+    )
+    paths = [inputs.add("a.h5ad", a), inputs.add("b.zarr", b)]
+    out = tmp_path / "out.zarr"
+    shuffle(paths, out, shuffle_chunk_size=10, dataset_size=35)
+    got = pd.concat([d.obs for d in read_collection(out)])
+    assert not isinstance(got["barcode_group"].dtype, pd.CategoricalDtype)
+    expected = dict(zip([f"cell{i}" for i in range(40)], ["AA", "CC"] * 20, strict=True))
+    expected |= {f"cell{i}-1" if i < 40 else f"cell{i}": f"B{i}" for i in range(30)}
+    assert {k: str(v) for k, v in got["barcode_group"].items()} == expected
+    assert abn.validate(out, inputs=paths).ok
+
+
+def test_column_numbers_out_of_range_are_reported_with_the_file(inputs, tmp_path: Path) -> None:
+    import h5py
+
+    path = inputs.add("a.h5ad", make_adata(20, [f"g{i}" for i in range(8)], seed=3))
+    broken = tmp_path / "broken.h5ad"
+    broken.write_bytes(Path(path).read_bytes())
+    with h5py.File(broken, "r+") as f:
+        f["X/indices"][0] = 99
+    with pytest.raises(abn.InputError, match=r"outside 0\.\.n_vars-1") as e:
+        shuffle([str(broken)], tmp_path / "out.zarr", shuffle_chunk_size=5, dataset_size=10)
+    assert e.value.path == str(broken)
