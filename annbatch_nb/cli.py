@@ -42,7 +42,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         type=_size,
         default=None,
         metavar="ROWS|SIZE",
-        help="rows per output dataset, or a size like 2GB of uncompressed X+obs (default 2GB)",
+        help="rows per output dataset, a size like 2GB of uncompressed X+obs, or auto (default: the largest "
+        "dataset whose predicted peak fits --memory-fraction of this machine's memory)",
     )
     p.add_argument(
         "--n-obs-per-chunk", type=int, default=64, metavar="N", help="rows per zarr chunk (default 64)"
@@ -53,6 +54,33 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         "--var-join", choices=["outer", "inner"], default="outer", help="gene join (default outer)"
     )
     p.add_argument("--dtype", default=None, help="output X dtype (default: result type of the inputs)")
+    p.add_argument(
+        "--assignment",
+        choices=["balanced", "uniform"],
+        default="balanced",
+        help="runs to datasets: balanced (every dataset gets every input's share; default) or uniform",
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.5,
+        help="memory share for --dataset-size auto (default 0.5)",
+    )
+    p.add_argument("--calibrate", action="store_true", help="measure this machine on the inputs first (~3 s)")
+    _add_virtualize_arg(p)
+
+
+_VIRTUALIZE = {"auto": "auto", "yes": True, "no": False}
+
+
+def _add_virtualize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--virtualize",
+        choices=list(_VIRTUALIZE),
+        default="auto",
+        help="read .h5ad inputs through a virtualizarr manifest: auto (h5py for local files, the manifest "
+        "for s3:// objects; default), yes, or no (h5py)",
+    )
 
 
 def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,6 +94,10 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "var_join": args.var_join,
         "dtype": args.dtype,
+        "assignment": args.assignment,
+        "memory_fraction": args.memory_fraction,
+        "calibration": True if args.calibrate else None,
+        "virtualize": _VIRTUALIZE[args.virtualize],
     }
 
 
@@ -91,7 +123,7 @@ def _cmd_shuffle(args: argparse.Namespace) -> int:
     p = plan(args.inputs, **_plan_kwargs(args))
     if not args.quiet:
         print(f"plan: {p.describe()}", file=sys.stderr)
-    result = p.run(args.output, progress=not args.no_progress, restart=args.restart)
+    result = p.run(args.output, progress=not args.no_progress, restart=args.restart, workers=args.workers)
     if result.already_complete:
         print(f"{args.output}: already complete, nothing to do")
         return 0
@@ -104,7 +136,9 @@ def _cmd_shuffle(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .collection import validate
 
-    report = validate(args.output, inputs=args.inputs, sample=args.sample)
+    report = validate(
+        args.output, inputs=args.inputs, sample=args.sample, virtualize=_VIRTUALIZE[args.virtualize]
+    )
     print(report)
     return 0 if report.ok else EXIT_INVALID
 
@@ -120,8 +154,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print()
     print("Stream it:  annbatch.Loader(batch_size=256, chunk_size=32, preload_nchunks=8)")
     print(f"              .use_collection(annbatch.DatasetCollection({str(demo.output)!r}, mode='r'))")
-    print(f"Plan yours: annbatch-nb plan {demo.inputs[0].parent} --dataset-size 2GB")
+    print(f"Plan yours: annbatch-nb plan {demo.inputs[0].parent} --calibrate")
     return 0 if demo.report.ok else EXIT_INVALID
+
+
+def _notes_as_lines() -> None:
+    """Print annbatch-nb's notes (an input read with h5py instead of virtualized) as ``note: ...`` lines."""
+    import warnings
+
+    from .sources import VirtualizationFallback
+
+    default = warnings.showwarning
+    if getattr(default, "_annbatch_nb", False):
+        return
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, VirtualizationFallback):
+            print(f"note: {message}", file=sys.stderr)
+        else:
+            default(message, category, *args, **kwargs)
+
+    show._annbatch_nb = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the plan")
     p.add_argument(
+        "--workers",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        metavar="N|auto",
+        help="processes writing datasets side by side (default auto: cores, datasets and memory allow)",
+    )
+    p.add_argument(
         "--restart",
         action="store_true",
         help="discard an earlier annbatch-nb run at OUTPUT (only what it wrote)",
@@ -154,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="collection path")
     p.add_argument("--inputs", nargs="+", default=None, metavar="INPUT", help="compare every cell with these")
     p.add_argument("--sample", type=int, default=None, metavar="N", help="compare N cells per dataset")
+    _add_virtualize_arg(p)
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("demo", help="make demo data, shuffle and validate it")
@@ -178,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    _notes_as_lines()
     try:
         return int(args.func(args))
     except CancelledError as e:

@@ -13,17 +13,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .collection import DatasetWriter, commit, mark_complete, open_output, release_lock
-from .errors import CancelledError, InputError, OutputError
-from .plan import DEFAULT_DATASET_SIZE, Plan, VarJoin, plan
+from .errors import CancelledError, InputError, OutputError, ParameterError
+from .plan import DEFAULT_DATASET_SIZE, Assignment, Plan, VarJoin, plan
 from .shards import ShardedArray
-from .sources import ColumnSpec, InputSpec, Source, open_source
+from .sources import ColumnSpec, InputSpec, Source, Virtualize, input_exists, open_source
+from .stores import WRITE_ERRORS, describe_store_error
 
 __all__ = ["ShuffleResult", "execute", "shuffle", "write_dataset"]
 
@@ -43,9 +44,14 @@ STOP_ENV = "ANNBATCH_NB_STOP_AT"
 
 
 def stop_point(name: str) -> None:
-    """Die here like ``kill -9`` if ``$ANNBATCH_NB_STOP_AT`` names this point (crash-safety tests)."""
+    """Die here like ``kill -9`` if ``$ANNBATCH_NB_STOP_AT`` names this point (crash-safety tests).
+
+    In a worker process the whole run dies: the parent is killed first.
+    """
     wanted = os.environ.get(STOP_ENV)
     if wanted and name in wanted.split(","):
+        if _WORKER.get("parent"):
+            os.kill(_WORKER["parent"], signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -67,6 +73,10 @@ class ShuffleResult:
         The output was already a finished collection of this plan; nothing was written.
     seconds
         Wall time of this call.
+    dataset_seconds
+        Wall time of each dataset written.
+    workers
+        Processes that wrote datasets.
     """
 
     output: str
@@ -76,6 +86,7 @@ class ShuffleResult:
     already_complete: bool = False
     seconds: float = 0.0
     dataset_seconds: list[float] = field(default_factory=list)
+    workers: int = 1
 
     @property
     def n_obs(self) -> int:
@@ -623,7 +634,7 @@ def _open_for_plan(plan: Plan) -> list[Source]:
     sources: list[Source] = []
     try:
         for info in plan.inputs:
-            if not os.path.exists(info.path):
+            if not input_exists(info.path):
                 raise InputError(info.display, "no longer exists; it was there when the plan was made")
             src = open_source(InputSpec(info.path, info.display), info=info)
             sources.append(src)
@@ -636,6 +647,137 @@ def _open_for_plan(plan: Plan) -> list[Source]:
     return sources
 
 
+# --------------------------------------------------------------------------------------------------
+# Several processes
+# --------------------------------------------------------------------------------------------------
+#: Seconds below which a run is predicted too short to pay for starting worker processes.
+_PARALLEL_MIN_SECONDS = 4.0
+#: State of a worker process (set by its initializer).
+_WORKER: dict[str, Any] = {}
+
+
+def resolve_workers(workers: int | str, plan: Plan, n_todo: int) -> int:
+    """How many processes write datasets (see :func:`execute`).
+
+    Raises
+    ------
+    ParameterError
+        For anything but a positive whole number or ``"auto"``.
+    """
+    if workers == "auto":
+        if n_todo <= 1 or plan.seconds < _PARALLEL_MIN_SECONDS:
+            return 1
+        import psutil
+
+        mem = plan.memory
+        budget = (
+            psutil.virtual_memory().total * plan.params.memory_fraction - mem.baseline_bytes - mem.run_bytes
+        )
+        per_worker = mem.baseline_bytes + mem.run_bytes + mem.dataset_bytes
+        by_memory = max(1, int(budget // max(per_worker, 1)))
+        return max(1, min(os.cpu_count() or 1, n_todo, by_memory))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ParameterError(f"workers must be a positive whole number or 'auto', got {workers!r}")
+    return min(workers, max(n_todo, 1))
+
+
+class _StopFlag:
+    """A multiprocessing event seen as the ``cancel`` argument of :func:`write_dataset`."""
+
+    def __init__(self, event: Any) -> None:
+        self._event = event
+
+    def is_set(self) -> bool:
+        return bool(self._event.is_set())
+
+
+def _worker_init(plan: Plan, output: str, messages: Any, stop: Any, parent: int) -> None:
+    import zarr
+
+    _WORKER.update(
+        plan=plan,
+        root=zarr.open_group(output, mode="r+"),
+        sources=None,
+        messages=messages,
+        stop=_StopFlag(stop),
+        pool=BufferPool(),
+        parent=parent,
+    )
+
+
+def _worker_write(k: int) -> tuple[int, float]:
+    w = _WORKER
+    if w["sources"] is None:
+        w["sources"] = [open_source(InputSpec(i.path, i.display), info=i) for i in w["plan"].inputs]
+    messages = w["messages"]
+    t = time.perf_counter()
+    write_dataset(
+        w["plan"],
+        k,
+        w["sources"],
+        w["root"],
+        progress=lambda what, n: messages.put((what, n)),
+        cancel=w["stop"],
+        pool=w["pool"],
+    )
+    return k, time.perf_counter() - t
+
+
+def _run_in_processes(
+    plan: Plan,
+    output: str,
+    todo: list[int],
+    n_workers: int,
+    report: ProgressCallback,
+    cancel: threading.Event | None,
+    result: ShuffleResult,
+) -> None:
+    """Write datasets ``todo`` in ``n_workers`` processes; progress flows back through a queue."""
+    import multiprocessing as mp
+    import queue as queue_mod
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["annbatch_nb.engine"])
+    messages = ctx.Queue()
+    stop = ctx.Event()
+
+    def drain(timeout: float) -> None:
+        try:
+            what, n = messages.get(timeout=timeout)
+            report(what, n)
+            while True:
+                what, n = messages.get_nowait()
+                report(what, n)
+        except queue_mod.Empty:
+            pass
+
+    with ProcessPoolExecutor(
+        n_workers,
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(plan, output, messages, stop, os.getpid()),
+    ) as pool:
+        pending = {pool.submit(_worker_write, k) for k in todo}
+        try:
+            while pending:
+                drain(0.1)
+                if cancel is not None and cancel.is_set():
+                    stop.set()
+                done, pending = wait(pending, timeout=0, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    _, seconds = f.result()  # re-raises a worker's error here
+                    result.dataset_seconds.append(seconds)
+                    result.datasets_written += 1
+        except BaseException:
+            stop.set()
+            for f in pending:
+                f.cancel()
+            raise
+        finally:
+            drain(0)
+
+
 def execute(
     plan: Plan,
     output: str | os.PathLike[str],
@@ -644,6 +786,7 @@ def execute(
     cancel: threading.Event | None = None,
     on_progress: ProgressCallback | None = None,
     restart: bool = False,
+    workers: int | Literal["auto"] = "auto",
 ) -> ShuffleResult:
     """Write ``plan`` as a collection at ``output`` (resuming an interrupted run of the same plan).
 
@@ -661,6 +804,10 @@ def execute(
         Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments.
     restart
         Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
+    workers
+        Processes writing datasets side by side (each holds one dataset in memory). ``"auto"``: as many as
+        there are cores and datasets left, within the plan's memory budget, and one for runs predicted to take
+        only a few seconds.
 
     Returns
     -------
@@ -698,19 +845,23 @@ def execute(
             on_progress(what, n)
 
     pool = BufferPool()
+    todo = [k for k in range(plan.n_datasets) if k not in state.complete]
+    n_workers = resolve_workers(workers, plan, len(todo))
+    result.workers = n_workers
     try:
         stop_point("start")
-        for k in range(plan.n_datasets):
-            if k in state.complete:
-                continue
+        if n_workers > 1:
+            _close_all(sources)  # the workers open their own
+            _run_in_processes(plan, state.path, todo, n_workers, report, cancel, result)
+        for k in todo if n_workers <= 1 else []:
             t = time.perf_counter()
             write_dataset(plan, k, sources, state.root, progress=report, cancel=cancel, pool=pool)
             result.dataset_seconds.append(time.perf_counter() - t)
             result.datasets_written += 1
         stop_point("before-commit")
         commit(state.root, plan)
-    except OSError as e:
-        reason = e.strerror or str(e)
+    except WRITE_ERRORS as e:  # OSError locally, obstore's errors on an object store
+        reason = getattr(e, "strerror", None) or describe_store_error(e)
         raise OutputError(
             output,
             f"writing failed ({reason}); nothing was committed: fix that and re-run the same command "
@@ -736,9 +887,12 @@ def shuffle(
     seed: int | None = None,
     var_join: VarJoin = "outer",
     dtype: Any = None,
+    assignment: Assignment = "balanced",
     progress: bool = True,
     cancel: threading.Event | None = None,
     restart: bool = False,
+    virtualize: Virtualize = "auto",
+    workers: int | Literal["auto"] = "auto",
 ) -> ShuffleResult:
     """Preshuffle AnnData files into an annbatch collection.
 
@@ -756,7 +910,8 @@ def shuffle(
     shuffle_chunk_size
         Rows per contiguous run cut from the inputs.
     dataset_size
-        Rows per output dataset, or a size string (``"2GB"``) of uncompressed X + obs.
+        Rows per output dataset, a size string (``"2GB"``) of uncompressed X + obs, or ``"auto"`` (the largest
+        dataset whose predicted peak memory fits half of this machine's memory).
     n_obs_per_chunk
         Rows per zarr chunk.
     shard_size
@@ -767,12 +922,18 @@ def shuffle(
         ``outer`` (union of genes, missing genes are zeros) or ``inner`` (genes in every input).
     dtype
         Output X dtype (default: numpy result type of the inputs).
+    assignment
+        ``balanced`` (every dataset gets every input's share of runs) or ``uniform`` (annbatch's random cut).
     progress
         Show progress bars.
     cancel
         A :class:`threading.Event`; setting it stops the run, leaving it resumable.
     restart
         Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
+    virtualize
+        How ``.h5ad`` inputs are read: ``"auto"``, ``True`` or ``False`` (see :func:`annbatch_nb.plan`).
+    workers
+        Processes writing datasets side by side (see :func:`execute`).
 
     Returns
     -------
@@ -788,5 +949,7 @@ def shuffle(
         seed=seed,
         var_join=var_join,
         dtype=dtype,
+        assignment=assignment,
+        virtualize=virtualize,
     )
-    return execute(p, output, progress=progress, cancel=cancel, restart=restart)
+    return execute(p, output, progress=progress, cancel=cancel, restart=restart, workers=workers)

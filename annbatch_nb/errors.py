@@ -31,6 +31,9 @@ class InputError(AnnbatchNBError, ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survive pickling (process pools)
+        return type(self), (self.path, self.problem)
+
 
 class OutputError(AnnbatchNBError, ValueError):
     """The output location cannot be used (exists, unrelated, not writable, ...).
@@ -47,6 +50,9 @@ class OutputError(AnnbatchNBError, ValueError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # survive pickling (process pools)
+        return type(self), (self.path, self.problem)
 
 
 class ParameterError(AnnbatchNBError, ValueError):

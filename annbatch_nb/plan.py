@@ -28,7 +28,19 @@ import pandas as pd
 from dask.utils import format_bytes, parse_bytes
 
 from .errors import InputError, ParameterError
-from .sources import ColumnSpec, SourceInfo, open_sources, resolve_inputs
+from .predict import (
+    DEFAULT_CALIBRATION,
+    Calibration,
+    MemoryPrediction,
+    TimePrediction,
+    cached_calibration,
+    predict_memory,
+    predict_output_bytes,
+    predict_time,
+    rows_for_memory,
+)
+from .quality import Quality, shuffle_quality
+from .sources import ColumnSpec, SourceInfo, Virtualize, open_sources, resolve_inputs
 
 if TYPE_CHECKING:
     from .engine import ShuffleResult
@@ -44,12 +56,16 @@ __all__ = [
     "scan",
 ]
 
-#: Default target size of one output dataset (uncompressed bytes of X and obs).
-DEFAULT_DATASET_SIZE = "2GB"
+#: Default dataset size: the largest dataset whose predicted peak memory fits ``memory_fraction`` of the
+#: machine's memory.
+DEFAULT_DATASET_SIZE = "auto"
+#: Fraction of the machine's total memory that ``dataset_size="auto"`` plans for.
+DEFAULT_MEMORY_FRACTION = 0.5
 #: Bumped whenever the same parameters would produce a different assignment or different bytes.
 PLAN_FORMAT_VERSION = 1
 
 VarJoin = Literal["outer", "inner"]
+Assignment = Literal["balanced", "uniform"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,9 +80,11 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _parse_size(name: str, value: int | str) -> int | str:
-    """Return a positive row count (int) or a normalised byte string."""
+    """Return a positive row count (int), ``"auto"``, or a normalised byte string."""
     if isinstance(value, str):
         text = value.strip()
+        if text.lower() == "auto":
+            return "auto"
         if text.isdigit():
             return _positive_int(name, int(text))
         try:
@@ -101,7 +119,8 @@ class Parameters:
     shuffle_chunk_size
         Rows per contiguous run cut from the inputs.
     dataset_size
-        Rows per output dataset (int), or a byte size string of uncompressed X + obs.
+        Rows per output dataset (int), a byte size string of uncompressed X + obs, or ``"auto"`` (the largest
+        dataset whose predicted peak memory fits ``memory_fraction`` of the machine's memory).
     n_obs_per_chunk
         Rows per zarr chunk of the output.
     shard_size
@@ -112,6 +131,11 @@ class Parameters:
         ``outer`` (union of genes, missing genes are zeros) or ``inner`` (genes in every input).
     dtype
         dtype of the output X, or None for the numpy result type of the inputs.
+    assignment
+        ``balanced``: every dataset receives runs of every input in proportion to its size (randomised
+        within); ``uniform``: runs are permuted and cut into datasets (annbatch's scheme).
+    memory_fraction
+        Fraction of the machine's memory ``dataset_size="auto"`` plans for.
     """
 
     shuffle_chunk_size: int = 1000
@@ -121,6 +145,8 @@ class Parameters:
     seed: int = 0
     var_join: VarJoin = "outer"
     dtype: str | None = None
+    assignment: Assignment = "balanced"
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION
 
     @classmethod
     def validated(
@@ -133,6 +159,8 @@ class Parameters:
         seed: int | None = None,
         var_join: str = "outer",
         dtype: Any = None,
+        assignment: str = "balanced",
+        memory_fraction: float = DEFAULT_MEMORY_FRACTION,
     ) -> Parameters:
         """Check every parameter and draw a seed if none is given.
 
@@ -147,6 +175,10 @@ class Parameters:
             raise ParameterError(f"seed must be a non-negative whole number, got {seed!r}")
         if var_join not in ("outer", "inner"):
             raise ParameterError(f"var_join must be 'outer' or 'inner', got {var_join!r}")
+        if assignment not in ("balanced", "uniform"):
+            raise ParameterError(f"assignment must be 'balanced' or 'uniform', got {assignment!r}")
+        if not isinstance(memory_fraction, int | float) or not 0 < memory_fraction <= 1:
+            raise ParameterError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
         dtype_str: str | None = None
         if dtype is not None:
             try:
@@ -164,6 +196,8 @@ class Parameters:
             seed=int(seed),
             var_join=var_join,  # type: ignore[arg-type]
             dtype=dtype_str,
+            assignment=assignment,  # type: ignore[arg-type]
+            memory_fraction=float(memory_fraction),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +210,8 @@ class Parameters:
             "seed": self.seed,
             "var_join": self.var_join,
             "dtype": self.dtype,
+            "assignment": self.assignment,
+            "memory_fraction": self.memory_fraction,
         }
 
 
@@ -367,7 +403,9 @@ class Plan:
     n_datasets
         Number of output datasets.
     dataset_rows
-        Target rows per dataset (after converting a byte size).
+        Target rows per dataset (after converting a byte size or resolving ``"auto"``).
+    calibration
+        Machine rates behind the predictions (see :func:`annbatch_nb.predict.calibrate`).
     """
 
     inputs: list[SourceInfo]
@@ -382,6 +420,7 @@ class Plan:
     run_dataset: np.ndarray
     n_datasets: int
     dataset_rows: int
+    calibration: Calibration = field(default_factory=lambda: DEFAULT_CALIBRATION, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- sizes ----------------------------------------------------------------------------------------
@@ -463,6 +502,50 @@ class Plan:
             pd.Index(np.concatenate([np.asarray(i.obs_names, dtype=object) for i in self.inputs]))
         )
 
+    # -- predictions ----------------------------------------------------------------------------------
+    @property
+    def memory(self) -> MemoryPrediction:
+        """Predicted peak memory and its parts."""
+        if "memory" not in self._cache:
+            self._cache["memory"] = predict_memory(self, self.calibration)
+        return self._cache["memory"]
+
+    @property
+    def time(self) -> TimePrediction:
+        """Predicted wall time and its parts."""
+        if "time" not in self._cache:
+            self._cache["time"] = predict_time(self, self.calibration)
+        return self._cache["time"]
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        """Predicted peak resident memory of running this plan."""
+        return self.memory.peak_bytes
+
+    @property
+    def seconds(self) -> float:
+        """Predicted wall time of running this plan."""
+        return self.time.seconds
+
+    @property
+    def output_bytes(self) -> int:
+        """Predicted size of the written collection."""
+        return predict_output_bytes(self, self.calibration)
+
+    def quality_for(self, block: int = 512) -> Quality:
+        """Exact shuffle quality for blocks of ``block`` consecutive rows (see :mod:`annbatch_nb.quality`)."""
+        key = f"quality-{block}"
+        if key not in self._cache:
+            self._cache[key] = shuffle_quality(
+                self.runs, self.run_dataset, self.n_datasets, len(self.inputs), block=block
+            )
+        return self._cache[key]
+
+    @property
+    def quality(self) -> Quality:
+        """Exact shuffle quality for annbatch Loader chunks (512 consecutive rows, its default)."""
+        return self.quality_for(512)
+
     # -- identity -------------------------------------------------------------------------------------
     def inputs_record(self) -> list[dict[str, Any]]:
         """What identifies each input: path, size, mtime, shape, kind."""
@@ -487,6 +570,7 @@ class Plan:
         """Hash of everything that determines the output bytes (inputs' identity, parameters, seed)."""
         payload = {
             "format": PLAN_FORMAT_VERSION,
+            "dataset_rows": self.dataset_rows,
             "params": self.params.to_dict(),
             "inputs": [
                 {k: v for k, v in r.items() if k != "path"} | {"display": r["path"]}
@@ -509,6 +593,14 @@ class Plan:
             "dataset_rows": self.dataset_rows,
             "rows_per_dataset": self.rows_per_dataset.tolist(),
             "raw_bytes": int(self.raw_bytes_per_row() * self.n_obs),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "seconds": self.seconds,
+            "output_bytes": self.output_bytes,
+            "quality": self.quality.score,
+            "quality_details": self.quality.to_dict(),
+            "memory": self.memory.to_dict(),
+            "time": self.time.to_dict(),
+            "calibration": self.calibration.source,
             "params": self.params.to_dict(),
         }
 
@@ -519,7 +611,8 @@ class Plan:
         return (
             f"{self.n_obs:,} cells x {self.n_vars:,} genes ({self.x_kind}, {self.dtype.name}, {raw} raw) "
             f"from {len(self.inputs)} input(s) -> {self.n_datasets} dataset(s) of ~{mean_rows:,} rows, "
-            f"runs of {self.params.shuffle_chunk_size:,}, seed {self.params.seed}"
+            f"runs of {self.params.shuffle_chunk_size:,}, seed {self.params.seed}; predicted peak "
+            f"{format_bytes(self.peak_memory_bytes)}, ~{self.seconds:.0f} s, quality {self.quality.score:.2f}"
         )
 
     def run(self, output: str | os.PathLike[str], *, progress: bool = True, **kwargs: Any) -> ShuffleResult:
@@ -579,7 +672,27 @@ def _assign_runs(runs: np.ndarray, n_datasets: int, rng: np.random.Generator) ->
     return assignment
 
 
-def build_plan(infos: list[SourceInfo], params: Parameters) -> Plan:
+def _assign_balanced(runs: np.ndarray, n_datasets: int, rng: np.random.Generator) -> np.ndarray:
+    """Deal each input's runs, in random order, round-robin over the datasets.
+
+    Every dataset receives ``floor`` or ``ceil`` of ``runs_of_input / n_datasets`` runs of every input, so its
+    composition matches the inputs' global shares; dealing continues across inputs (from a random start), so
+    datasets also get equal run counts (+-1).
+    """
+    n_runs = len(runs)
+    order = np.empty(n_runs, dtype=np.int64)
+    pos = 0
+    for i in np.unique(runs[:, 0]):
+        sel = np.flatnonzero(runs[:, 0] == i)
+        order[pos : pos + len(sel)] = rng.permutation(sel)
+        pos += len(sel)
+    start = int(rng.integers(n_datasets))
+    assignment = np.empty(n_runs, dtype=np.int64)
+    assignment[order] = (start + np.arange(n_runs)) % n_datasets
+    return assignment
+
+
+def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibration | None = None) -> Plan:
     """Compute a plan from scanned metadata (no I/O).
 
     Parameters
@@ -588,6 +701,8 @@ def build_plan(infos: list[SourceInfo], params: Parameters) -> Plan:
         Scanned inputs, in input order.
     params
         Validated parameters.
+    calibration
+        Machine rates for the predictions and for ``dataset_size="auto"`` (default: the reference machine's).
 
     Returns
     -------
@@ -632,8 +747,22 @@ def build_plan(infos: list[SourceInfo], params: Parameters) -> Plan:
         run_dataset=np.zeros(len(runs), dtype=np.int64),
         n_datasets=1,
         dataset_rows=n_obs,
+        calibration=calibration or DEFAULT_CALIBRATION,
     )
-    dataset_rows = _dataset_rows(params, stub.raw_bytes_per_row() + _obs_bytes_per_row(obs_schema))
+    if params.dataset_size == "auto":
+        import psutil
+
+        budget = psutil.virtual_memory().total * params.memory_fraction
+        dataset_rows = rows_for_memory(stub, budget, stub.calibration)
+        if dataset_rows < min(c, n_obs):
+            raise ParameterError(
+                f"dataset_size='auto': not even {c:,} rows fit in {format_bytes(int(budget))} "
+                f"(memory_fraction={params.memory_fraction}); lower shuffle_chunk_size or raise "
+                "memory_fraction"
+            )
+        dataset_rows = max(min(dataset_rows, n_obs), c)
+    else:
+        dataset_rows = _dataset_rows(params, stub.raw_bytes_per_row() + _obs_bytes_per_row(obs_schema))
     if c > dataset_rows:
         raise ParameterError(
             f"shuffle_chunk_size ({c:,} rows) is larger than dataset_size ({dataset_rows:,} rows); "
@@ -641,26 +770,31 @@ def build_plan(infos: list[SourceInfo], params: Parameters) -> Plan:
         )
     n_datasets = max(1, math.ceil(n_obs / dataset_rows))
     rng = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(0,)))
-    stub.run_dataset = _assign_runs(runs, n_datasets, rng)
+    assign = _assign_balanced if params.assignment == "balanced" else _assign_runs
+    stub.run_dataset = assign(runs, n_datasets, rng)
     stub.n_datasets = n_datasets
     stub.dataset_rows = dataset_rows
     return stub
 
 
-def scan(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[SourceInfo]:
+def scan(
+    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], *, virtualize: Virtualize = "auto"
+) -> list[SourceInfo]:
     """Resolve and open every input and read its metadata (no X data is read).
 
     Parameters
     ----------
     inputs
         Files, directories or glob patterns (see :func:`~annbatch_nb.sources.resolve_inputs`).
+    virtualize
+        How ``.h5ad`` inputs are read (see :func:`~annbatch_nb.sources.open_source`).
 
     Returns
     -------
     list[SourceInfo]
         One record per input.
     """
-    sources = open_sources(resolve_inputs(inputs))
+    sources = open_sources(resolve_inputs(inputs), virtualize=virtualize)
     try:
         return [s.info for s in sources]
     finally:
@@ -678,6 +812,10 @@ def plan(
     seed: int | None = None,
     var_join: VarJoin = "outer",
     dtype: Any = None,
+    assignment: Assignment = "balanced",
+    memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+    calibration: Calibration | bool | None = None,
+    virtualize: Virtualize = "auto",
 ) -> Plan:
     """Scan the inputs and plan a preshuffle.
 
@@ -688,7 +826,8 @@ def plan(
     shuffle_chunk_size
         Rows per contiguous run cut from the inputs.
     dataset_size
-        Rows per output dataset, or a size string (``"2GB"``) of uncompressed X + obs per dataset.
+        Rows per output dataset, a size string (``"2GB"``) of uncompressed X + obs per dataset, or ``"auto"``:
+        the largest dataset whose predicted peak memory fits ``memory_fraction`` of this machine's memory.
     n_obs_per_chunk
         Rows per zarr chunk in the output.
     shard_size
@@ -699,6 +838,18 @@ def plan(
         ``outer``: union of genes (missing genes are zeros); ``inner``: genes present in every input.
     dtype
         Output X dtype; default is the numpy result type of the inputs.
+    assignment
+        ``balanced`` (every dataset gets every input's share) or ``uniform`` (annbatch's random cut).
+    memory_fraction
+        Fraction of the machine's memory that ``dataset_size="auto"`` plans for.
+    calibration
+        Rates for the predictions: a :class:`~annbatch_nb.predict.Calibration`, ``True`` to measure now
+        (:func:`~annbatch_nb.predict.calibrate`, a few seconds, cached), or None for a cached calibration of
+        these inputs on this machine if there is one, else the reference machine's rates.
+    virtualize
+        How ``.h5ad`` inputs are read: ``"auto"`` (h5py for local files, a virtualizarr manifest for
+        ``s3://`` objects), ``True`` (the manifest, h5py with a warning where impossible) or ``False`` (h5py).
+        Only the reading changes, never the output bytes.
 
     Returns
     -------
@@ -713,5 +864,83 @@ def plan(
         seed=seed,
         var_join=var_join,
         dtype=dtype,
+        assignment=assignment,
+        memory_fraction=memory_fraction,
     )
-    return build_plan(scan(inputs), params)
+    infos = scan(inputs, virtualize=virtualize)
+    if calibration is True:
+        from .predict import calibrate
+
+        calibration = calibrate(infos)
+    elif calibration is None or calibration is False:
+        calibration = cached_calibration(infos)
+    return build_plan(infos, params, calibration)
+
+
+def sweep(
+    inputs: Plan | list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    *,
+    shuffle_chunk_size: Iterable[int] = (100, 250, 500, 1000, 2000),
+    dataset_size: Iterable[int | str] = ("auto",),
+    **params: Any,
+) -> pd.DataFrame:
+    """Predict memory, time and quality over a grid of ``shuffle_chunk_size`` x ``dataset_size``.
+
+    Parameters
+    ----------
+    inputs
+        A plan (its inputs, calibration and other parameters are reused), scanned inputs, or paths.
+    shuffle_chunk_size, dataset_size
+        The values to try.
+    **params
+        Other parameters of :func:`plan` (``seed``, ``var_join``, ``assignment``, ...).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per combination: the parameters, ``dataset_rows``, ``n_datasets``, ``peak_memory_bytes``,
+        ``seconds``, ``output_bytes``, ``quality`` and its parts; combinations that are invalid (chunk larger
+        than dataset) are left out.
+    """
+    calibration = params.pop("calibration", None)
+    if isinstance(inputs, Plan):
+        base = inputs.params.to_dict()
+        infos = inputs.inputs
+        calibration = calibration or inputs.calibration
+    else:
+        base = {}
+        infos = (
+            inputs
+            if isinstance(inputs, list) and inputs and isinstance(inputs[0], SourceInfo)
+            else scan(inputs)
+        )  # type: ignore[arg-type]
+        calibration = calibration or cached_calibration(infos)
+    base.update(params)
+    rows = []
+    for size in dataset_size:
+        for chunk in shuffle_chunk_size:
+            try:
+                p = build_plan(
+                    infos,
+                    Parameters.validated(**{**base, "shuffle_chunk_size": chunk, "dataset_size": size}),
+                    calibration,
+                )
+            except ParameterError:
+                continue
+            q = p.quality
+            rows.append(
+                {
+                    "shuffle_chunk_size": chunk,
+                    "dataset_size": size,
+                    "dataset_rows": p.dataset_rows,
+                    "n_datasets": p.n_datasets,
+                    "peak_memory_bytes": p.peak_memory_bytes,
+                    "seconds": p.seconds,
+                    "output_bytes": p.output_bytes,
+                    "quality": q.score,
+                    "run_mixing": q.run_mixing,
+                    "file_mixing": q.file_mixing,
+                    "composition": q.composition,
+                }
+            )
+    return pd.DataFrame(rows)
