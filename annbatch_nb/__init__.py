@@ -17,6 +17,7 @@ from .collection import ValidationReport, validate
 from .engine import ShuffleResult, execute, shuffle
 from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError
 from .plan import Parameters, Plan, build_plan, plan, scan
+from .sources import VirtualizationFallback
 
 __all__ = [
     "AnnbatchNBError",
@@ -28,6 +29,7 @@ __all__ = [
     "Plan",
     "ShuffleResult",
     "ValidationReport",
+    "VirtualizationFallback",
     "__version__",
     "build_plan",
     "execute",
@@ -36,3 +38,12 @@ __all__ = [
     "shuffle",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # the widget planner imports ipywidgets and matplotlib: load it only when asked for
+    if name == "Planner":
+        from .widgets import Planner
+
+        return Planner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

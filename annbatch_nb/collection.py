@@ -15,6 +15,7 @@ every dataset is complete, so an interrupted run is never loadable as a collecti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,9 +32,20 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore, MemoryStore
 
 from . import __version__
 from .errors import OutputError
+from .stores import (
+    S3URL,
+    describe_store_error,
+    is_not_found,
+    is_url,
+    list_keys,
+    object_store,
+    parse_url,
+    zarr_store,
+)
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -85,7 +97,7 @@ class OutputState:
     resumed
         Whether an earlier run's state was found.
     lock
-        The writer lock this process holds.
+        The writer lock this process holds (a file, or an object on an object store).
     """
 
     path: str
@@ -93,7 +105,7 @@ class OutputState:
     complete: set[int] = field(default_factory=set)
     committed: bool = False
     resumed: bool = False
-    lock: Path | None = None
+    lock: Path | S3Lock | None = None
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -183,9 +195,12 @@ def acquire_lock(path: Path) -> Path:
     raise OutputError(path, f"could not take the lock {lock}")  # pragma: no cover - lost three races
 
 
-def release_lock(lock: Path | None) -> None:
+def release_lock(lock: Path | S3Lock | None) -> None:
     """Remove a lock taken by :func:`acquire_lock` (only if this process still holds it)."""
     if lock is None:
+        return
+    if isinstance(lock, S3Lock):
+        lock.release()
         return
     try:
         holder = json.loads(lock.read_text())
@@ -269,6 +284,8 @@ def open_output(path: str | os.PathLike[str], plan: Plan, *, restart: bool = Fal
         If the path exists and is not an empty directory or a run of this same plan, cannot be written, or
         is locked by another live run.
     """
+    if is_url(os.fspath(path)):
+        return _open_output_s3(os.fspath(path), plan, restart=restart)
     p = Path(path)
     _check_location(p, plan)
     fresh = not p.exists() or not any(p.iterdir()) or _only_our_lock(p)
@@ -291,16 +308,214 @@ def open_output(path: str | os.PathLike[str], plan: Plan, *, restart: bool = Fal
             _write_manifest(root, plan)
             return OutputState(str(p), root, lock=lock)
         root = zarr.open_group(str(p), mode="r+")
-        state = OutputState(str(p), root, resumed=True, lock=lock)
-        state.committed = is_committed(root)
-        done = root[META_KEY].get("complete")
-        if done is not None:
-            state.complete = {int(k) for k in done.group_keys() if k.isdigit() and int(k) < plan.n_datasets}
+        state = _resumed_state(str(p), root, plan, lock)
         for key in list(root.group_keys()):
             m = DATASET_RE.match(key)
             if m and int(m.group(1)) not in state.complete:
                 # an unfinished dataset of our own earlier run: remove it, it will be rewritten whole
                 shutil.rmtree(p / key, ignore_errors=True)
+        return state
+    except BaseException:
+        release_lock(lock)
+        raise
+
+
+def _resumed_state(path: str, root: zarr.Group, plan: Plan, lock: Path | S3Lock) -> OutputState:
+    state = OutputState(path, root, resumed=True, lock=lock)
+    state.committed = is_committed(root)
+    done = root[META_KEY].get("complete")
+    if done is not None:
+        state.complete = {int(k) for k in done.group_keys() if k.isdigit() and int(k) < plan.n_datasets}
+    return state
+
+
+# --------------------------------------------------------------------------------------------------
+# The same on an object store (s3://bucket/prefix): keys instead of files, a put-if-absent lock object
+# --------------------------------------------------------------------------------------------------
+LOCK_KEY = f"{META_KEY}/{LOCK_NAME}"
+
+
+@dataclass
+class S3Lock:
+    """The writer lock of an output on an object store: the object ``annbatch_nb/lock.json``.
+
+    Attributes
+    ----------
+    url
+        The output location.
+    store
+        An obstore store rooted at the output.
+    holder
+        What this process wrote into the lock (pid, host, since).
+    """
+
+    url: S3URL
+    store: Any
+    holder: dict[str, Any]
+
+    def __str__(self) -> str:
+        return f"{self.url}/{LOCK_KEY}"
+
+    def read(self) -> dict[str, Any] | None:
+        """The lock's content, or None if there is no lock."""
+        import obstore
+
+        try:
+            return dict(json.loads(bytes(obstore.get(self.store, LOCK_KEY).bytes())))
+        except Exception as e:
+            if is_not_found(e):
+                return None
+            if isinstance(e, ValueError):
+                return {}
+            raise
+
+    def release(self) -> None:
+        """Delete the lock object if this process (pid and host) still holds it."""
+        import obstore
+
+        with contextlib.suppress(Exception):  # releasing is best effort: a stale lock is taken over later
+            holder = self.read()
+            if holder and (holder.get("pid"), holder.get("host")) == (
+                self.holder["pid"],
+                self.holder["host"],
+            ):
+                obstore.delete(self.store, LOCK_KEY)
+
+
+def _store_failure(url: str, e: BaseException) -> OutputError:
+    return OutputError(
+        url,
+        f"cannot be used ({describe_store_error(e)}); check the bucket name, AWS_ENDPOINT_URL and the "
+        "credentials",
+    )
+
+
+def acquire_lock_s3(url: S3URL, store: Any) -> S3Lock:
+    """Take the writer lock of an output on an object store (a put-if-absent object), or say who holds it.
+
+    A lock left by a process that is no longer alive on this host is taken over.
+
+    Raises
+    ------
+    OutputError
+        If another live process holds the lock, or the store cannot be written.
+    """
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    lock = S3Lock(url, store, me)
+    for _ in range(3):
+        try:
+            obstore.put(store, LOCK_KEY, json.dumps(me).encode(), mode="create")
+            return lock
+        except AlreadyExistsError:
+            pass
+        except Exception as e:
+            raise _store_failure(url.url, e) from None
+        holder = lock.read()
+        if holder is None:
+            continue  # released meanwhile
+        pid, host = int(holder.get("pid", -1)), str(holder.get("host", "?"))
+        if host == me["host"] and (pid == os.getpid() or not _pid_alive(pid)):
+            obstore.delete(store, LOCK_KEY)  # stale: its writer died; take it over
+            continue
+        raise OutputError(
+            url.url,
+            f"is locked by another run (pid {pid} on host {host} since {holder.get('since', '?')}); "
+            f"wait for it to finish, or delete {lock} if that run is gone",
+        )
+    raise OutputError(url.url, f"could not take the lock {lock}")  # pragma: no cover - lost three races
+
+
+def _check_location_s3(url: S3URL, plan: Plan) -> None:
+    for info in plan.inputs:
+        if not is_url(info.path):
+            continue
+        src = parse_url(info.path, OutputError)
+        if url.inside(src):
+            raise OutputError(url.url, f"is inside the input {info.display}; write the collection elsewhere")
+        if src.inside(url):
+            raise OutputError(
+                url.url, f"contains the input {info.display}; choose an output prefix outside the inputs"
+            )
+
+
+def _read_manifest_s3(url: S3URL, keys: set[str]) -> dict[str, Any] | None:
+    if "zarr.json" not in keys or f"{META_KEY}/zarr.json" not in keys:
+        return None
+    try:
+        root = zarr.open_group(zarr_store(url, OutputError, read_only=True), mode="r")
+        return dict(root[META_KEY].attrs)
+    except Exception:
+        return None
+
+
+def _delete_keys(store: Any, keys: list[str]) -> None:
+    import obstore
+
+    for i in range(0, len(keys), 1000):
+        obstore.delete(store, keys[i : i + 1000])
+
+
+def _ours(key: str, *, keep_complete: set[int] | None = None) -> bool:
+    """Whether annbatch-nb wrote ``key``; with ``keep_complete``: whether it is in an unfinished dataset."""
+    first = key.split("/", 1)[0]
+    m = DATASET_RE.match(first)
+    if keep_complete is not None:
+        return bool(m) and "/" in key and int(m.group(1)) not in keep_complete  # type: ignore[union-attr]
+    if m and "/" in key:
+        return True
+    if key in ("zarr.json", ".zgroup", ".zattrs"):
+        return True
+    return first == META_KEY and key != LOCK_KEY
+
+
+def _open_output_s3(path: str, plan: Plan, *, restart: bool) -> OutputState:
+    import obstore
+
+    url = parse_url(path, OutputError)
+    if not url.key:
+        raise OutputError(
+            path, "is a bucket root; give a prefix for the collection, e.g. s3://bucket/atlas.zarr"
+        )
+    _check_location_s3(url, plan)
+    store = object_store(url, OutputError, prefix=True)
+    try:
+        bucket_store = object_store(S3URL(url.bucket, ""), OutputError)
+        try:
+            obstore.head(bucket_store, url.key)
+            raise OutputError(path, "exists and is an object; choose a new prefix ending in .zarr")
+        except OutputError:
+            raise
+        except Exception as e:
+            if not is_not_found(e):
+                raise
+        keys = {str(o["path"]) for o in list_keys(store)}
+    except OutputError:
+        raise
+    except Exception as e:
+        raise _store_failure(path, e) from None
+    fresh = keys <= {LOCK_KEY}
+    manifest = None if fresh else _read_manifest_s3(url, keys)
+    if not fresh and (manifest is None or manifest.get("tool") != "annbatch-nb"):
+        raise OutputError(path, "exists and was not written by annbatch-nb; choose a new output prefix")
+    if manifest is not None and manifest.get("fingerprint") != plan.fingerprint and not restart:
+        raise OutputError(path, _mismatch(manifest, plan))
+    lock = acquire_lock_s3(url, store)
+    try:
+        if manifest is not None and restart:
+            _delete_keys(store, sorted(k for k in keys if _ours(k)))
+            manifest = None
+        zstore = zarr_store(url, OutputError, read_only=False)
+        if manifest is None:
+            root = zarr.open_group(zstore, mode="a", zarr_format=3)
+            _write_manifest(root, plan)
+            return OutputState(url.url, root, lock=lock)
+        root = zarr.open_group(zstore, mode="r+")
+        state = _resumed_state(url.url, root, plan, lock)
+        # unfinished datasets of our own earlier run: remove them, they will be rewritten whole
+        _delete_keys(store, sorted(k for k in keys if _ours(k, keep_complete=state.complete)))
         return state
     except BaseException:
         release_lock(lock)
@@ -447,12 +662,61 @@ class DatasetWriter:
             )
 
     def write_frames(self, obs: pd.DataFrame) -> None:
-        """Write obs, var and the empty AnnData elements."""
+        """Write obs, var and the empty AnnData elements.
+
+        On an object store they are written to memory first and then stored with concurrent puts: anndata
+        writes element by element, and one request after another would cost a round trip each.
+        """
+        store = self.group.store_path.store
+        if isinstance(store, LocalStore):
+            self._write_frames(self.group, obs)
+            return
+        staging = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
+        self._write_frames(staging, obs)
+        copy_tree(staging.store_path.store, store, self.group.store_path.path, skip_root=True)
+
+    def _write_frames(self, group: zarr.Group, obs: pd.DataFrame) -> None:
         with ad.settings.override(remove_unused_categories=False):
-            ad.io.write_elem(self.group, "obs", obs)
-            ad.io.write_elem(self.group, "var", pd.DataFrame(index=self.plan.var_names.copy()))
+            ad.io.write_elem(group, "obs", obs)
+            ad.io.write_elem(group, "var", pd.DataFrame(index=self.plan.var_names.copy()))
             for key in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
-                ad.io.write_elem(self.group, key, {})
+                ad.io.write_elem(group, key, {})
+
+
+def copy_tree(src: Any, dst: Any, prefix: str, *, skip_root: bool = False, concurrency: int = 32) -> None:
+    """Copy every key of zarr store ``src`` to ``dst`` under ``prefix``, with concurrent writes.
+
+    Parameters
+    ----------
+    src, dst
+        zarr stores.
+    prefix
+        Key prefix in ``dst`` (a group path; empty for the root).
+    skip_root
+        Leave out ``src``'s root ``zarr.json`` (the group already exists in ``dst``).
+    concurrency
+        Writes in flight at once.
+    """
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def run() -> None:
+        keys = [k async for k in src.list()]
+        if skip_root:
+            keys = [k for k in keys if k != "zarr.json"]
+        limit = asyncio.Semaphore(concurrency)
+
+        async def one(key: str) -> None:
+            async with limit:
+                buf = await src.get(key, prototype=default_buffer_prototype())
+                if buf is not None:
+                    await dst.set(f"{prefix}/{key}" if prefix else key, buf)
+
+        await asyncio.gather(*(one(k) for k in keys))
+
+    sync(run())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -514,13 +778,14 @@ def validate(
     *,
     sample: int | None = None,
     seed: int = 0,
+    virtualize: Any = "auto",
 ) -> ValidationReport:
     """Check that ``output`` is a complete, consistent annbatch collection.
 
     Parameters
     ----------
     output
-        The collection.
+        The collection: a local path or an ``s3://bucket/prefix`` URL.
     inputs
         If given, also check that every input cell appears exactly once and that X rows and obs values equal
         the inputs' (mapped to the collection's genes).
@@ -528,6 +793,8 @@ def validate(
         Compare at most this many cells per dataset with the inputs (default: all).
     seed
         Seed of the sample.
+    virtualize
+        How ``.h5ad`` inputs are read (see :func:`annbatch_nb.plan`).
 
     Returns
     -------
@@ -536,4 +803,4 @@ def validate(
     """
     from .validation import check_collection
 
-    return check_collection(output, inputs, sample=sample, seed=seed)
+    return check_collection(output, inputs, sample=sample, seed=seed, virtualize=virtualize)

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import multiprocessing
 import os
+import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -28,6 +32,18 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
+from .stores import (
+    S3URL,
+    describe_store_error,
+    glob_keys,
+    is_not_found,
+    is_url,
+    list_children,
+    list_keys,
+    object_store,
+    parse_url,
+    zarr_store,
+)
 
 __all__ = [
     "ColumnSpec",
@@ -35,13 +51,21 @@ __all__ = [
     "InputSpec",
     "Source",
     "SourceInfo",
+    "VirtualH5adSource",
+    "VirtualizationFallback",
+    "Virtualize",
     "ZarrSource",
     "coalesce_runs",
+    "input_exists",
     "open_source",
+    "open_sources",
     "resolve_inputs",
 ]
 
 XKind = Literal["csr", "dense"]
+#: How ``.h5ad`` inputs are read: ``"auto"`` (per file, whichever is faster), ``True`` (virtualized through a
+#: virtualizarr manifest, h5py where that is impossible) or ``False`` (h5py).
+Virtualize = Literal["auto"] | bool
 ColumnKind = Literal["categorical", "numeric", "bool", "string", "nullable-integer", "nullable-boolean"]
 
 _GLOB_CHARS = set("*?[")
@@ -70,7 +94,65 @@ def _is_zarr_dir(path: Path) -> bool:
     return (path / "zarr.json").is_file() or (path / ".zgroup").is_file()
 
 
+def _url_error(item: str, e: BaseException) -> InputError:
+    return InputError(item, f"cannot be read from the object store ({describe_store_error(e)})")
+
+
+def _url_kind(store: Any, url: S3URL) -> tuple[str, list[str]]:
+    """What a bucket location is: ``file``, ``zarr``, ``dir`` (with its input children) or ``missing``."""
+    import obstore
+
+    if url.key:
+        try:
+            obstore.head(store, url.key)
+            return "file", []
+        except Exception as e:
+            if not is_not_found(e):
+                raise
+    dirs, objects = list_children(store, f"{url.key}/" if url.key else "")
+    names = {str(o["path"]).rsplit("/", 1)[-1] for o in objects}
+    if names & {"zarr.json", ".zgroup"}:
+        return "zarr", []
+    children = sorted(
+        {n for n in names if n.endswith(".h5ad")} | {d for d in dirs if d.endswith((".zarr", ".h5ad"))}
+    )
+    if dirs or objects:
+        return "dir", [c for c in children if not c.startswith(".")]
+    return "missing", []
+
+
+def _expand_url(item: str) -> list[InputSpec]:
+    url = parse_url(item, InputError)
+    store = object_store(url, InputError)
+    try:
+        if _GLOB_CHARS & set(url.key):
+            matches = glob_keys(store, url.key)
+            if not matches:
+                raise InputError(item, "the pattern matches no object")
+            out: list[InputSpec] = []
+            for m in matches:
+                out.extend(_expand_url(S3URL(url.bucket, m).url))
+            return out
+        kind, children = _url_kind(store, url)
+    except InputError:
+        raise
+    except Exception as e:
+        raise _url_error(item, e) from None
+    if kind == "missing":
+        raise InputError(item, "no such object or prefix in the bucket")
+    if kind == "dir" and url.name.endswith(".zarr"):
+        raise InputError(item, "is a prefix but not a zarr store (no zarr.json or .zgroup)")
+    if kind == "dir":
+        if not children:
+            raise InputError(item, "the prefix contains no .h5ad or .zarr inputs")
+        base = item.rstrip("/")
+        return [InputSpec(url.child(c).url, f"{base}/{c}") for c in children]
+    return [InputSpec(url.url, item)]
+
+
 def _expand_one(item: str) -> list[InputSpec]:
+    if is_url(item):
+        return _expand_url(item)
     p = Path(item)
     if not p.exists() and _GLOB_CHARS & set(item):
         matches = sorted(glob.glob(item))
@@ -99,7 +181,8 @@ def resolve_inputs(inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[s
     ----------
     inputs
         Paths to ``.h5ad`` files or AnnData ``.zarr`` stores, directories (every ``.h5ad``/``.zarr`` directly
-        inside, sorted by name) or glob patterns (matches sorted by name).
+        inside, sorted by name) or glob patterns (matches sorted by name). Each may also be an ``s3://bucket/key``
+        URL of an object, a zarr store, a prefix or a pattern (credentials from the environment).
 
     Returns
     -------
@@ -181,6 +264,9 @@ class SourceInfo:
         Bytes on disk (the whole store for zarr).
     mtime
         Modification time (newest file for zarr), seconds since the epoch.
+    reader
+        How the input is read: ``h5py``, ``virtual`` (an ``.h5ad`` through a virtualizarr manifest) or
+        ``zarr``. Not part of the input's identity: every reader gives the same values.
     """
 
     path: str
@@ -196,6 +282,7 @@ class SourceInfo:
     obs_columns: dict[str, ColumnSpec] = field(default_factory=dict)
     size_bytes: int = 0
     mtime: float = 0.0
+    reader: str = ""
 
     @property
     def raw_x_bytes(self) -> int:
@@ -243,6 +330,7 @@ class Source(ABC):
     """
 
     format: ClassVar[str]
+    reader: ClassVar[str]
 
     def __init__(self, spec: InputSpec, info: SourceInfo | None = None) -> None:
         self.spec = spec
@@ -389,6 +477,7 @@ class Source(ABC):
             obs_columns=obs_columns,
             size_bytes=size,
             mtime=mtime,
+            reader=self.reader,
         )
 
     def _read_index(self, df_group: Any, what: str) -> pd.Index:
@@ -570,14 +659,44 @@ def _is_string_dtype(dtype: Any) -> bool:
 # --------------------------------------------------------------------------------------------------
 # Formats
 # --------------------------------------------------------------------------------------------------
+def _remote_stat(spec: InputSpec) -> tuple[int, float]:
+    """Size and modification time of one object (``s3://`` URL)."""
+    import obstore
+
+    url = parse_url(spec.path, InputError)
+    try:
+        meta = obstore.head(object_store(url, InputError), url.key)
+    except Exception as e:
+        if is_not_found(e):
+            raise InputError(spec.display, "no such object in the bucket") from None
+        raise _url_error(spec.display, e) from None
+    return int(meta["size"]), float(meta["last_modified"].timestamp())
+
+
+def _file_stat(spec: InputSpec) -> tuple[int, float]:
+    if is_url(spec.path):
+        return _remote_stat(spec)
+    st = os.stat(spec.path)
+    return st.st_size, st.st_mtime
+
+
 class H5adSource(Source):
-    """An ``.h5ad`` file read with h5py (opened once, read-only)."""
+    """An ``.h5ad`` file read with h5py (opened once, read-only); on an object store through a file object."""
 
     format = "h5ad"
+    reader = "h5py"
 
     def _open(self) -> Any:
+        target: Any = self.spec.path
+        if is_url(self.spec.path):
+            from obspec_utils.readers import BlockStoreReader
+
+            url = parse_url(self.spec.path, InputError)
+            target = BlockStoreReader(
+                object_store(url, InputError), url.key, block_size=4 << 20, max_cached_blocks=16
+            )
         try:
-            return h5py.File(self.spec.path, "r")
+            return h5py.File(target, "r")
         except OSError as e:
             reason = str(e).split("(")[0].strip().rstrip(".") or "unreadable"
             raise InputError(
@@ -605,20 +724,23 @@ class H5adSource(Source):
             out[...] = self._read_range(arr, lo, hi)
 
     def _disk_stat(self) -> tuple[int, float]:
-        st = os.stat(self.spec.path)
-        return st.st_size, st.st_mtime
+        return _file_stat(self.spec)
 
 
 class ZarrSource(Source):
-    """An AnnData ``.zarr`` store (zarr format 2 or 3) read with zarr-python."""
+    """An AnnData ``.zarr`` store (zarr format 2 or 3) read with zarr-python, local or on an object store."""
 
     format = "zarr"
+    reader = "zarr"
 
     def _open(self) -> Any:
         import zarr
 
+        store: Any = self.spec.path
+        if is_url(self.spec.path):
+            store = zarr_store(parse_url(self.spec.path, InputError), InputError, read_only=True)
         try:
-            root = zarr.open_group(self.spec.path, mode="r")
+            root = zarr.open_group(store, mode="r")
         except Exception as e:  # zarr raises several types for broken metadata
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             raise InputError(self.spec.display, f"cannot be opened as a zarr group ({reason})") from None
@@ -637,6 +759,16 @@ class ZarrSource(Source):
 
     def _disk_stat(self) -> tuple[int, float]:
         size, mtime = 0, 0.0
+        if is_url(self.spec.path):
+            url = parse_url(self.spec.path, InputError)
+            try:
+                objects = list_keys(object_store(url, InputError, prefix=True))
+            except Exception as e:
+                raise _url_error(self.spec.display, e) from None
+            for o in objects:
+                size += int(o["size"])
+                mtime = max(mtime, float(o["last_modified"].timestamp()))
+            return size, mtime
         for dirpath, _, files in os.walk(self.spec.path):
             for f in files:
                 st = os.stat(os.path.join(dirpath, f))
@@ -645,15 +777,494 @@ class ZarrSource(Source):
         return size, mtime
 
 
-def open_source(spec: InputSpec | str, info: SourceInfo | None = None) -> Source:
+# --------------------------------------------------------------------------------------------------
+# HDF5 virtualization
+# --------------------------------------------------------------------------------------------------
+class VirtualizationFallback(UserWarning):
+    """An ``.h5ad`` input could not be virtualized and is read with h5py instead (a filter or layout)."""
+
+
+class VirtualizationError(Exception):
+    """Internal: virtualizarr could not describe this file (the caller falls back to h5py)."""
+
+
+#: Top-level AnnData elements never read (their encodings, e.g. string datasets in uns, may not virtualize).
+_DROP = ("uns", "obsm", "varm", "obsp", "varp", "layers", "raw")
+
+
+@dataclass(frozen=True)
+class _RawLayout:
+    """An uncompressed array chunked along axis 0 only, every chunk stored in full in one object.
+
+    Row ``r`` starts at byte ``offsets[r // chunk_rows] + (r % chunk_rows) * row_bytes``; a contiguous HDF5
+    dataset is a single chunk. Reads of any row range are then exact byte ranges, whatever the chunk size.
+    """
+
+    url: str
+    offsets: np.ndarray
+    chunk_rows: int
+    row_bytes: int
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def pieces(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Byte ranges ``[start, end)`` holding rows ``[lo, hi)``, in order."""
+        c, rb = self.chunk_rows, self.row_bytes
+        out = []
+        for k in range(lo // c, (hi - 1) // c + 1):
+            a, b = max(lo, k * c) - k * c, min(hi, (k + 1) * c) - k * c
+            base = int(self.offsets[k])
+            if out and out[-1][1] == base + a * rb:  # chunks stored back to back: one piece
+                out[-1] = (out[-1][0], base + b * rb)
+            else:
+                out.append((base + a * rb, base + b * rb))
+        return out
+
+
+def _raw_layout(arr: Any) -> _RawLayout | None:
+    """The byte layout of a virtual array, when reads can bypass zarr (uncompressed, axis-0 chunks)."""
+    meta = arr.metadata.to_dict()
+    codecs = meta.get("codecs", ())
+    if len(codecs) != 1 or codecs[0].get("name") != "bytes":
+        return None
+    shape = tuple(int(s) for s in meta["shape"])
+    chunk = tuple(int(c) for c in meta["chunk_grid"]["configuration"]["chunk_shape"])
+    if not shape or shape[0] == 0 or any(c < s for c, s in zip(chunk[1:], shape[1:], strict=True)):
+        return None  # chunked along an axis other than the first
+    try:
+        dtype = np.dtype(str(meta["data_type"]))
+    except TypeError:
+        return None
+    if dtype.kind not in "biuf":
+        return None
+    endian = (codecs[0].get("configuration") or {}).get("endian") or "little"
+    dtype = dtype.newbyteorder("<" if endian == "little" else ">")
+    manifest = arr.manifest
+    if manifest._inlined:
+        return None
+    paths = np.asarray(manifest._paths).reshape(-1)
+    offsets = np.asarray(manifest._offsets, dtype=np.int64).reshape(-1)
+    lengths = np.asarray(manifest._lengths, dtype=np.int64).reshape(-1)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    n_chunks = -(-shape[0] // chunk[0])
+    if len(paths) != n_chunks or row_bytes == 0 or len(set(paths.tolist())) != 1:
+        return None  # missing (never written) chunks, or chunks in several files
+    single = n_chunks == 1 and lengths[0] >= shape[0] * row_bytes  # contiguous: as long as the data
+    if np.any(lengths < chunk[0] * row_bytes) and not single:
+        return None
+    return _RawLayout(str(paths[0]), offsets, chunk[0], row_bytes, dtype, shape)
+
+
+def _walk_layouts(group: Any, prefix: str, out: dict[str, _RawLayout]) -> None:
+    for name, arr in group.arrays.items():
+        layout = _raw_layout(arr)
+        if layout is not None:
+            out[f"{prefix}{name}"] = layout
+    for name, sub in group.groups.items():
+        _walk_layouts(sub, f"{prefix}{name}/", out)
+
+
+def _registry_for(spec: InputSpec) -> tuple[Any, str]:
+    """An obspec_utils registry that resolves this input's URL, and the URL."""
+    from obspec_utils.registry import ObjectStoreRegistry
+
+    if is_url(spec.path):
+        url = parse_url(spec.path, InputError)
+        store = object_store(S3URL(url.bucket, ""), InputError)
+        return ObjectStoreRegistry({f"s3://{url.bucket}": store}), url.url
+    from obstore.store import LocalStore
+
+    directory = os.path.dirname(os.path.abspath(spec.path))
+    return (
+        ObjectStoreRegistry({f"file://{directory}/": LocalStore(prefix=directory)}),
+        f"file://{os.path.abspath(spec.path)}",
+    )
+
+
+def build_manifest_store(spec: InputSpec) -> Any:
+    """Parse an ``.h5ad`` file's HDF5 metadata into a virtualizarr ``ManifestStore`` (X, obs and var).
+
+    Dense X is an HDF5 dataset, not a group, so the root is parsed with every other top-level element dropped.
+
+    Raises
+    ------
+    VirtualizationError
+        If virtualizarr cannot describe the file (a filter without a zarr codec such as LZF, object
+        references, an unusual layout); the message says why.
+    """
+    from virtualizarr.parsers import HDFParser
+
+    registry, url = _registry_for(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return HDFParser(group=None, drop_variables=list(_DROP))(url, registry)
+    except InputError:
+        raise
+    except Exception as e:  # the parser raises many types (codec lookups, NotImplementedError, ValueError)
+        raise VirtualizationError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+class _Clearing:
+    """Context manager that drops a store's prefetched chunks on exit."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def __enter__(self) -> Any:
+        return self.store
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.clear()
+
+
+class VirtualH5adSource(ZarrSource):
+    """An ``.h5ad`` file read through zarr on a virtualizarr ``ManifestStore``, without h5py.
+
+    The file's HDF5 metadata (X, obs, var) is parsed once into a manifest of byte ranges; values are then read
+    by zarr (compressed chunks: gzip, ...) or, for uncompressed arrays whose rows lie back to back (anndata's
+    default layout for sparse and dense X and for obs columns), by exact byte-range reads, batched and
+    concurrent, so that a contiguous dataset is never fetched whole. The manifest pickles, so the source can
+    be shipped to another process without parsing again.
+    """
+
+    format = "h5ad"
+    reader = "virtual"
+
+    def __init__(self, spec: InputSpec, info: SourceInfo | None = None, manifest: Any = None) -> None:
+        self._store = manifest
+        self._layouts: dict[str, _RawLayout] | None = None
+        self._obstores: dict[str, tuple[Any, str]] = {}
+        super().__init__(spec, info)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_obstores"] = {}
+        state["_nodes"] = {}
+        return state
+
+    def close(self) -> None:  # noqa: D102
+        self._nodes: dict[str, Any] = {}
+        super().close()
+
+    def _node(self, path: str) -> Any:
+        """The zarr node at ``path`` (cached: each lookup on a manifest costs a metadata round trip)."""
+        nodes = self.__dict__.setdefault("_nodes", {})
+        node = nodes.get(path)
+        if node is None:
+            node = nodes[path] = self.root[path]
+        return node
+
+    @property
+    def manifest_store(self) -> Any:
+        """The virtualizarr ``ManifestStore`` (built on first use), with a chunk cache for prefetching."""
+        from ._manifest import PrefetchingManifestStore
+
+        if self._store is None:
+            self._store = build_manifest_store(self.spec)
+        if not isinstance(self._store, PrefetchingManifestStore):
+            self._store = PrefetchingManifestStore.wrap(self._store)
+        return self._store
+
+    def _prefetched_chunks(self, jobs: Sequence[tuple[Any, Sequence[tuple[int, int]]]]) -> Any:
+        """Context: the compressed chunks of these (array, row ranges) are fetched at once, then dropped."""
+        store = self.manifest_store
+        try:
+            store.prefetch([(arr, ranges) for arr, ranges in jobs if self._layout(arr) is None])
+        except Exception as e:
+            store.clear()
+            raise InputError(self.spec.display, f"read failed ({describe_store_error(e)})") from None
+        return _Clearing(store)
+
+    def _open(self) -> Any:
+        import zarr
+
+        store = self.manifest_store
+        if self._layouts is None:
+            layouts: dict[str, _RawLayout] = {}
+            _walk_layouts(store._group, "", layouts)
+            self._layouts = layouts
+        try:
+            return zarr.open_group(store, mode="r", zarr_format=3)
+        except Exception as e:
+            raise VirtualizationError(f"zarr cannot open the manifest ({type(e).__name__}: {e})") from e
+
+    def _scan(self) -> SourceInfo:
+        info = super()._scan()
+        self._probe()
+        return info
+
+    def _probe(self) -> None:
+        """Decode the first element of every X array, so a codec zarr lacks shows now, not mid-run."""
+        x = self.root["X"]
+        arrays = [x] if self._is_array(x) else [x["data"], x["indices"], x["indptr"]]
+        for arr in arrays:
+            if arr.shape[0] and arr.path not in (self._layouts or {}):
+                try:
+                    arr[:1]
+                except Exception as e:
+                    raise VirtualizationError(f"X cannot be decoded ({type(e).__name__}: {e})") from e
+
+    def _disk_stat(self) -> tuple[int, float]:
+        return _file_stat(self.spec)
+
+    # -- exact byte-range reads of uncompressed arrays ---------------------------------------------------
+    def _layout(self, arr: Any) -> _RawLayout | None:
+        if self._layouts is None:
+            _ = self.root
+        return (self._layouts or {}).get(str(getattr(arr, "path", "")).strip("/"))
+
+    def _obstore(self, url: str) -> tuple[Any, str]:
+        hit = self._obstores.get(url)
+        if hit is None:
+            store, path = self.manifest_store._registry.resolve(url)
+            hit = (store, str(path).lstrip("/"))
+            if hasattr(store, "prefix") and store.prefix and not is_url(url):
+                hit = (store, os.path.relpath(url[len("file://") :], str(store.prefix)))
+            self._obstores[url] = hit
+        return hit
+
+    def _fetch(self, layout: _RawLayout, ranges: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        """Rows ``[lo, hi)`` of each range, read with one batched, concurrent request set."""
+        return self._fetch_all([(layout, ranges)])[0]
+
+    def _fetch_all(
+        self, jobs: Sequence[tuple[_RawLayout, Sequence[tuple[int, int]]]]
+    ) -> list[list[np.ndarray]]:
+        """:meth:`_fetch` for several arrays at once: every range of every array is requested concurrently."""
+        import asyncio
+
+        import obstore
+        from zarr.core.sync import sync
+
+        pieces = [[layout.pieces(lo, hi) if hi > lo else [] for lo, hi in ranges] for layout, ranges in jobs]
+
+        async def one(layout: _RawLayout, per_range: list[list[tuple[int, int]]]) -> list[Any]:
+            flat = [p for ps in per_range for p in ps]
+            if not flat:
+                return []
+            store, path = self._obstore(layout.url)
+            return await obstore.get_ranges_async(
+                store, path, starts=[a for a, _ in flat], ends=[b for _, b in flat]
+            )
+
+        async def run() -> list[list[Any]]:
+            return list(
+                await asyncio.gather(*(one(job[0], ps) for job, ps in zip(jobs, pieces, strict=True)))
+            )
+
+        try:
+            results = sync(run())
+        except Exception as e:
+            raise InputError(self.spec.display, f"read failed ({describe_store_error(e)})") from None
+        out: list[list[np.ndarray]] = []
+        for (layout, ranges), per_range, blobs_list in zip(jobs, pieces, results, strict=True):
+            blobs = iter(blobs_list)
+            arrays = []
+            for (lo, hi), ps in zip(ranges, per_range, strict=True):
+                parts = [np.frombuffer(memoryview(next(blobs)), dtype=layout.dtype) for _ in ps]
+                if not parts:
+                    arr = np.empty(0, dtype=layout.dtype)
+                else:
+                    arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                arrays.append(arr.reshape(max(hi - lo, 0), *layout.shape[1:]))
+            out.append(arrays)
+        return out
+
+    def read_obs(self, runs: np.ndarray) -> dict[str, Any]:
+        """Read the obs columns of sorted row runs (see :meth:`Source.read_obs`).
+
+        Every uncompressed column array is fetched at once, concurrently, before the columns are assembled.
+        """
+        _ = self.root
+        ranges = [(int(lo), int(hi)) for lo, hi in coalesce_runs(runs)]
+        wanted = [
+            key
+            for key in (self._layouts or {})
+            if key.startswith("obs/") and key.split("/")[1] in self.info.obs_columns
+        ]
+        layouts = self._layouts or {}
+        fetched = self._fetch_all([(layouts[k], ranges) for k in wanted])
+        self._prefetched = {
+            k: (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else np.empty(0)
+            for k, parts in zip(wanted, fetched, strict=True)
+        }
+        obs = self.root["obs"]
+        compressed = []
+        for name, spec in self.info.obs_columns.items():
+            node = obs[name]  # (a ManifestStore answers "k in group" for any k: go by the encoding)
+            if self._is_array(node):
+                arrays = [node]
+            else:
+                arrays = [node["codes"]] if spec.kind == "categorical" else [node["values"], node["mask"]]
+            compressed += [(a, ranges) for a in arrays if self._is_array(a) and self._layout(a) is None]
+        try:
+            with self._prefetched_chunks(compressed):
+                return super().read_obs(runs)
+        finally:
+            self._prefetched = {}
+
+    def _gather(self, arr: Any, ranges: np.ndarray) -> np.ndarray:
+        hit = getattr(self, "_prefetched", {}).get(str(arr.path).strip("/"))
+        if hit is not None:
+            return hit.astype(hit.dtype.newbyteorder("="), copy=False)
+        if len(ranges) > 1 and self._layout(arr) is None:  # compressed: one zarr call, chunks concurrently
+            rows = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
+            values = arr.get_orthogonal_selection(rows)
+            return values.astype(object) if values.dtype.kind == "T" else values
+        return super()._gather(arr, ranges)
+
+    def _read_range(self, arr: Any, lo: int, hi: int) -> np.ndarray:
+        layout = self._layout(arr)
+        if layout is None:
+            return super()._read_range(arr, lo, hi)
+        hi = min(hi, layout.shape[0])
+        return self._fetch(layout, [(lo, max(lo, hi))])[0].astype(layout.dtype.newbyteorder("="))
+
+    def _read_range_into(self, arr: Any, lo: int, hi: int, out: np.ndarray) -> None:
+        layout = self._layout(arr)
+        if layout is None:
+            out[...] = super()._read_range(arr, lo, hi)
+            return
+        out[...] = self._fetch(layout, [(lo, hi)])[0]
+
+    def read_csr_into(self, runs: np.ndarray, data_out: np.ndarray, indices_out: np.ndarray) -> int:
+        """Read the CSR entries of sorted row runs into buffers (see :meth:`Source.read_csr_into`).
+
+        Uncompressed ``data`` and ``indices`` are fetched with one batch of concurrent range requests each.
+        """
+        data, indices = self._node("X/data"), self._node("X/indices")
+        d_layout, i_layout = self._layout(data), self._layout(indices)
+        ip = self.indptr
+        ranges = [(int(ip[lo]), int(ip[hi])) for lo, hi in coalesce_runs(runs)]
+        if d_layout is None or i_layout is None:
+            with self._prefetched_chunks([(data, ranges), (indices, ranges)]):
+                return super().read_csr_into(runs, data_out, indices_out)
+        pos = 0
+        data_parts, index_parts = self._fetch_all([(d_layout, ranges), (i_layout, ranges)])
+        for (a, b), d, i in zip(ranges, data_parts, index_parts, strict=True):
+            n = b - a
+            data_out[pos : pos + n] = d
+            indices_out[pos : pos + n] = i
+            pos += n
+        return pos
+
+    def read_dense_into(self, runs: np.ndarray, out: np.ndarray) -> None:
+        """Read the rows of sorted row runs of a dense X into ``out`` (one batch of range requests)."""
+        layout = self._layout(self._node("X"))
+        ranges = [(int(lo), int(hi)) for lo, hi in coalesce_runs(runs)]
+        if layout is None:
+            with self._prefetched_chunks([(self._node("X"), ranges)]):
+                super().read_dense_into(runs, out)
+            return
+        pos = 0
+        for (lo, hi), block in zip(ranges, self._fetch(layout, ranges), strict=True):
+            out[pos : pos + hi - lo] = block
+            pos += hi - lo
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing and opening sources
+# --------------------------------------------------------------------------------------------------
+def _check_virtualize(virtualize: Any) -> Virtualize:
+    if virtualize in ("auto", True, False):
+        return virtualize  # type: ignore[no-any-return]
+    from .errors import ParameterError
+
+    raise ParameterError(f"virtualize must be 'auto', True or False, got {virtualize!r}")
+
+
+def wants_virtual(spec: InputSpec, virtualize: Virtualize) -> bool:
+    """Whether ``virtualize`` asks to read this ``.h5ad`` input through a manifest.
+
+    ``"auto"`` picks the faster reader for the file and its store: h5py for a local file (the page cache and
+    h5py's C reads beat a manifest there, see ``benchmarks/README.md``), the manifest on an object store
+    (exact, concurrent range requests instead of h5py's small sequential reads through a file object).
+    """
+    if virtualize == "auto":
+        return is_url(spec.path)
+    return bool(virtualize)
+
+
+def _note_fallback(display: str, reason: str) -> None:
+    warnings.warn(
+        f"{display}: read with h5py, not virtualized ({reason})", VirtualizationFallback, stacklevel=3
+    )
+
+
+def _open_h5ad(spec: InputSpec, info: SourceInfo | None, virtual: bool) -> tuple[Source, str | None]:
+    """Open an ``.h5ad`` input, virtualized if asked and possible; return the source and a fallback note."""
+    if not virtual:
+        return H5adSource(spec, info), None
+    try:
+        return VirtualH5adSource(spec, info), None
+    except VirtualizationError as e:
+        reason = str(e).replace("''", "'")
+        if "lzf" in reason.lower():
+            reason = f"LZF-compressed data has no zarr codec: {reason}"
+        return H5adSource(spec, info), reason
+
+
+def _looks_like_h5ad(spec: InputSpec) -> bool:
+    if is_url(spec.path):
+        import obstore
+
+        url = parse_url(spec.path, InputError)
+        try:
+            head = bytes(obstore.get_range(object_store(url, InputError), url.key, start=0, length=8))
+        except Exception as e:
+            raise _url_error(spec.display, e) from None
+        return head == b"\x89HDF\r\n\x1a\n"
+    return bool(h5py.is_hdf5(spec.path))
+
+
+def _open_one(spec: InputSpec, info: SourceInfo | None, virtualize: Virtualize) -> tuple[Source, str | None]:
+    if info is not None and info.format == "h5ad":
+        return _open_h5ad(spec, info, info.reader == "virtual")
+    if info is not None and info.format == "zarr":
+        return ZarrSource(spec, info), None
+    if is_url(spec.path):
+        url = parse_url(spec.path, InputError)
+        try:
+            kind, _ = _url_kind(object_store(url, InputError), url)
+        except InputError:
+            raise
+        except Exception as e:
+            raise _url_error(spec.display, e) from None
+        if kind == "zarr":
+            return ZarrSource(spec, info), None
+        if kind != "file":
+            raise InputError(spec.display, "no such object or zarr store in the bucket")
+    else:
+        p = Path(spec.path)
+        if p.is_dir():
+            if not _is_zarr_dir(p):
+                raise InputError(
+                    spec.display, "is a directory but not a zarr store (no zarr.json or .zgroup)"
+                )
+            return ZarrSource(spec, info), None
+    if _looks_like_h5ad(spec):
+        return _open_h5ad(spec, info, wants_virtual(spec, virtualize))
+    if spec.path.endswith(".h5ad"):
+        raise InputError(spec.display, "cannot be read as HDF5; is it a truncated or corrupt .h5ad?")
+    raise InputError(spec.display, "is neither an .h5ad file nor a .zarr store")
+
+
+def open_source(
+    spec: InputSpec | str, info: SourceInfo | None = None, *, virtualize: Virtualize = "auto"
+) -> Source:
     """Open one input with the class for its format.
 
     Parameters
     ----------
     spec
-        A resolved input, or a path.
+        A resolved input, or a path or ``s3://`` URL.
     info
-        Metadata from an earlier scan of the same input; skips the scan.
+        Metadata from an earlier scan of the same input; skips the scan and reopens it with the same reader.
+    virtualize
+        How to read an ``.h5ad`` input: ``"auto"`` (h5py for a local file, a virtualizarr manifest on an
+        object store), ``True`` (the manifest) or ``False`` (h5py). A file that cannot be virtualized is read
+        with h5py, with a :class:`VirtualizationFallback` warning saying why.
 
     Returns
     -------
@@ -667,26 +1278,95 @@ def open_source(spec: InputSpec | str, info: SourceInfo | None = None) -> Source
     """
     if isinstance(spec, str):
         (spec,) = resolve_inputs([spec])
-    p = Path(spec.path)
-    if p.is_dir():
-        if not _is_zarr_dir(p):
-            raise InputError(spec.display, "is a directory but not a zarr store (no zarr.json or .zgroup)")
-        return ZarrSource(spec, info)
-    if h5py.is_hdf5(spec.path):
-        return H5adSource(spec, info)
-    if p.suffix == ".h5ad":
-        raise InputError(spec.display, "cannot be read as HDF5; is it a truncated or corrupt .h5ad?")
-    raise InputError(spec.display, "is neither an .h5ad file nor a .zarr store")
+    source, note = _open_one(spec, info, _check_virtualize(virtualize))
+    if note:
+        _note_fallback(spec.display, note)
+    return source
 
 
-def open_sources(inputs: Sequence[InputSpec]) -> list[Source]:
-    """Open every input, closing those already opened if one fails."""
-    opened: list[Source] = []
+def input_exists(path: str) -> bool:
+    """Whether an input (local path or ``s3://`` URL of an object or zarr store) still exists."""
+    if not is_url(path):
+        return os.path.exists(path)
+    url = parse_url(path, InputError)
     try:
-        for spec in inputs:
-            opened.append(open_source(spec))
+        kind, _ = _url_kind(object_store(url, InputError), url)
+    except InputError:
+        raise
+    except Exception as e:
+        raise _url_error(path, e) from None
+    return kind in ("file", "zarr")
+
+
+def _open_in_worker(spec: InputSpec, virtualize: Virtualize) -> tuple[Source, str | None]:
+    source, note = _open_one(spec, None, virtualize)
+    source.close()
+    return source, note
+
+
+#: Parse files in a process pool only when parsing them one by one would take longer than this (seconds):
+#: a worker process needs a few seconds to start and import.
+_POOL_WORTH_SECONDS = 4.0
+
+
+def _pool_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def open_sources(
+    inputs: Sequence[InputSpec], *, virtualize: Virtualize = "auto", workers: int | None = None
+) -> list[Source]:
+    """Open every input, closing those already opened if one fails.
+
+    ``.h5ad`` inputs to be virtualized are parsed in a process pool sized to the machine (at most one worker
+    per core) when timing the first one shows that one by one would take longer than starting the pool.
+
+    Parameters
+    ----------
+    inputs
+        Resolved inputs.
+    virtualize
+        See :func:`open_source`.
+    workers
+        Size of the parsing pool (default: the cores available; 1 parses in this process).
+
+    Returns
+    -------
+    list[Source]
+        Opened sources, in input order.
+    """
+    virtualize = _check_virtualize(virtualize)
+    opened: dict[int, Source] = {}
+    virtual = [i for i, s in enumerate(inputs) if _may_virtualize(s, virtualize)]
+    workers = _pool_workers() if workers is None else max(1, int(workers))
+    try:
+        t0 = time.perf_counter()
+        for i in virtual[:1]:
+            opened[i] = open_source(inputs[i], virtualize=virtualize)
+        first = time.perf_counter() - t0
+        rest = virtual[1:]
+        if rest and workers > 1 and first * len(rest) > _POOL_WORTH_SECONDS:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["annbatch_nb.sources"])
+            with ProcessPoolExecutor(max_workers=min(workers, len(rest)), mp_context=ctx) as pool:
+                futures = {i: pool.submit(_open_in_worker, inputs[i], virtualize) for i in rest}
+                for i, fut in futures.items():
+                    opened[i], note = fut.result()
+                    if note:
+                        _note_fallback(inputs[i].display, note)
+        for i, spec in enumerate(inputs):
+            if i not in opened:
+                opened[i] = open_source(spec, virtualize=virtualize)
     except BaseException:
-        for s in opened:
+        for s in opened.values():
             s.close()
         raise
-    return opened
+    return [opened[i] for i in range(len(inputs))]
+
+
+def _may_virtualize(spec: InputSpec, virtualize: Virtualize) -> bool:
+    """Cheap guess (no I/O) whether ``spec`` is an ``.h5ad`` that will be parsed into a manifest."""
+    return wants_virtual(spec, virtualize) and spec.path.endswith(".h5ad")

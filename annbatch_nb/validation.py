@@ -23,6 +23,7 @@ from .collection import DATASET_RE, META_KEY, ValidationReport, is_committed
 from .errors import AnnbatchNBError
 from .plan import make_unique
 from .sources import Source, open_sources, resolve_inputs
+from .stores import is_url
 
 __all__ = ["check_collection"]
 
@@ -219,10 +220,10 @@ def _values_equal(a: pd.Series, b: pd.Series) -> bool:
 
 
 def _check_against_inputs(
-    groups: list[zarr.Group], inputs: Any, report: _Report, sample: int | None, seed: int
+    groups: list[zarr.Group], inputs: Any, report: _Report, sample: int | None, seed: int, virtualize: Any
 ) -> None:
     try:
-        sources = open_sources(resolve_inputs(inputs))
+        sources = open_sources(resolve_inputs(inputs), virtualize=virtualize)
     except AnnbatchNBError as e:
         report.fail(f"cannot open the inputs: {e}")
         return
@@ -332,19 +333,49 @@ def check_collection(
     *,
     sample: int | None = None,
     seed: int = 0,
+    virtualize: Any = "auto",
 ) -> ValidationReport:
     """Validate a collection (see :func:`annbatch_nb.validate`)."""
     report = _Report(output=str(output))
-    path = Path(output)
-    if not path.exists():
-        report.fail("does not exist")
-        return report
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except Exception as e:
-        report.fail(f"is not a zarr group ({type(e).__name__})")
-        return report
+    if is_url(os.fspath(output)):
+        root = _open_remote(os.fspath(output), report)
+        if root is None:
+            return report
+    else:
+        path = Path(output)
+        if not path.exists():
+            report.fail("does not exist")
+            return report
+        try:
+            root = zarr.open_group(str(path), mode="r")
+        except Exception as e:
+            report.fail(f"is not a zarr group ({type(e).__name__})")
+            return report
     groups = _check_structure(root, report)
     if inputs is not None and groups and report.ok:
-        _check_against_inputs(groups, inputs, report, sample, seed)
+        _check_against_inputs(groups, inputs, report, sample, seed, virtualize)
     return report
+
+
+def _open_remote(output: str, report: _Report) -> zarr.Group | None:
+    """Open a collection on an object store read-only, or record why it cannot be."""
+    from .errors import OutputError
+    from .stores import describe_store_error, list_keys, object_store, parse_url, zarr_store
+
+    try:
+        url = parse_url(output, OutputError)
+        keys = list_keys(object_store(url, OutputError, prefix=True))
+    except AnnbatchNBError as e:
+        report.fail(e.problem if isinstance(e, OutputError) else str(e))
+        return None
+    except Exception as e:
+        report.fail(f"cannot be listed ({describe_store_error(e)})")
+        return None
+    if not keys:
+        report.fail("does not exist")
+        return None
+    try:
+        return zarr.open_group(zarr_store(url, OutputError, read_only=True), mode="r")
+    except Exception as e:
+        report.fail(f"is not a zarr group ({type(e).__name__})")
+        return None
