@@ -525,6 +525,44 @@ def _measure_writes(blob: bytes, rng: np.random.Generator) -> tuple[float, float
     return write_rate, meta + fixed + 0.05, 1.0 / (2 * per_row)
 
 
+_BASELINE_CHILD = """
+import resource, sys, tempfile, os
+import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
+import annbatch_nb as abn
+d = tempfile.mkdtemp(prefix="annbatch-nb-baseline-")
+x = sp.random(200, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
+ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(200)]),
+           var=pd.DataFrame(index=[f"g{i}" for i in range(50)])).write_h5ad(os.path.join(d, "a.h5ad"))
+abn.shuffle([os.path.join(d, "a.h5ad")], os.path.join(d, "o.zarr"), shuffle_chunk_size=10, dataset_size=100,
+            seed=0, progress=False, workers=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _start_baseline() -> Any:
+    """Start measuring the resident memory of a fresh process that runs a tiny shuffle (in the background)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ANNBATCH_NB_CACHE": tempfile.gettempdir()}
+    return subprocess.Popen(
+        [sys.executable, "-c", _BASELINE_CHILD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+def _finish_baseline(proc: Any, default: int) -> int:
+    try:
+        out, _ = proc.communicate(timeout=60)
+        return int(out.strip().splitlines()[-1])
+    except Exception:  # best effort: keep the reference value
+        proc.kill()
+        return default
+
+
 def calibrate(
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | list[SourceInfo],
     *,
@@ -535,7 +573,8 @@ def calibrate(
 
     Reads sampled row runs from up to three inputs of each format (as the engine does), compresses what it
     read like the writer, gathers it in random row order, writes it and a small dataset's metadata to a
-    temporary directory.
+    temporary directory; meanwhile a fresh process runs a tiny shuffle to measure the interpreter's baseline
+    resident memory.
 
     Parameters
     ----------
@@ -561,6 +600,7 @@ def calibrate(
         infos = scan(inputs)  # type: ignore[arg-type]
     rng = np.random.default_rng(0)
     base = DEFAULT_CALIBRATION
+    baseline = _start_baseline()  # runs on the other core meanwhile
     sample = _measure_reads(infos, rng, budget_s)
     data = np.concatenate(sample.data) if sample.data else np.zeros(1 << 16, dtype=np.float32)
     indices = np.concatenate(sample.indices) if sample.indices else None
@@ -580,6 +620,7 @@ def calibrate(
         write_bytes_per_s=write_rate,
         dataset_overhead_s=overhead,
         obs_rows_per_s=obs_rate,
+        baseline_rss_bytes=_finish_baseline(baseline, base.baseline_rss_bytes),
         source="measured",
     )
     if cache:
