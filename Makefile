@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 DEMO_DIR ?= demo-data
+# Debian's chromium: the browser test drives it with Playwright (never `playwright install`: no downloads).
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test lint format notebooks bench clean venv
+.PHONY: demo test lint format notebooks bench clean venv lab chromium
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), f"annbatch-nb needs Python >= 3.12, found {sys.version}"'
@@ -35,8 +37,19 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format annbatch_nb tests benchmarks
 	$(BIN)/ruff check --fix annbatch_nb tests benchmarks
 
-test: lint
+test: lint $(CHROMIUM)
 	$(BIN)/python -m pytest
+
+$(CHROMIUM):
+	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+
+chromium: $(CHROMIUM)
+
+# JupyterLab on notebooks/ with the project's kernel (the venv's python registered as `python3` in the venv).
+lab: $(VENV)/.installed-test
+	$(BIN)/python -m ipykernel install --sys-prefix --display-name "Python 3 (annbatch-nb)" >/dev/null
+	$(BIN)/python -m jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
