@@ -37,8 +37,15 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff format annbatch_nb tests benchmarks
 	$(BIN)/ruff check --fix annbatch_nb tests benchmarks
 
+# Tutorials: executed by `make test` (nbval compares every cell's saved output), re-executed and saved by
+# `make notebooks`.
+NOTEBOOKS := $(wildcard notebooks/0*.ipynb)
+
 test: lint $(CHROMIUM)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbval --nbval-current-env $(NOTEBOOKS) tests
+
+notebooks: $(VENV)/.installed-test
+	$(BIN)/python -m jupyter nbconvert --to notebook --execute --inplace $(NOTEBOOKS)
 
 $(CHROMIUM):
 	if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
