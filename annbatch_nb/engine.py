@@ -19,12 +19,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .collection import DatasetWriter, commit, mark_complete, open_output, release_lock
+from .collection import DatasetWriter, commit, mark_complete, open_output, open_root, release_lock
 from .errors import CancelledError, InputError, OutputError, ParameterError
 from .plan import DEFAULT_DATASET_SIZE, Assignment, Plan, VarJoin, plan
 from .shards import ShardedArray
 from .sources import ColumnSpec, InputSpec, Source, Virtualize, input_exists, open_source
-from .stores import WRITE_ERRORS, describe_store_error
+from .stores import WRITE_ERRORS, describe_store_error, store_env
 
 __all__ = ["ShuffleResult", "execute", "shuffle", "write_dataset"]
 
@@ -691,12 +691,13 @@ class _StopFlag:
         return bool(self._event.is_set())
 
 
-def _worker_init(plan: Plan, output: str, messages: Any, stop: Any, parent: int) -> None:
-    import zarr
-
+def _worker_init(
+    plan: Plan, output: str, messages: Any, stop: Any, parent: int, env: dict[str, str] | None = None
+) -> None:
+    os.environ.update(env or {})  # object-store settings as the parent has them now (forkserver env is older)
     _WORKER.update(
         plan=plan,
-        root=zarr.open_group(output, mode="r+"),
+        root=open_root(output, mode="r+"),  # a local path or an s3:// URL
         sources=None,
         messages=messages,
         stop=_StopFlag(stop),
@@ -756,7 +757,7 @@ def _run_in_processes(
         n_workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(plan, output, messages, stop, os.getpid()),
+        initargs=(plan, output, messages, stop, os.getpid(), store_env()),
     ) as pool:
         pending = {pool.submit(_worker_write, k) for k in todo}
         try:
@@ -801,7 +802,8 @@ def execute(
     cancel
         Set it (from another thread) to stop; the output stays resumable.
     on_progress
-        Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments.
+        Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments; a resumed run first reports
+        the rows and bytes of the datasets earlier runs completed.
     restart
         Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
     workers
@@ -838,6 +840,9 @@ def execute(
     done_rows = int(sum(plan.rows_per_dataset[k] for k in state.complete))
     done_bytes = int(sum(_raw_input_bytes(plan, k) for k in state.complete))
     bars = _Progress(plan, progress, done_rows, done_bytes)
+    if on_progress is not None and done_rows:  # a resumed run: first what earlier runs did
+        on_progress("rows", done_rows)
+        on_progress("bytes", done_bytes)
 
     def report(what: str, n: int) -> None:
         bars(what, n)

@@ -134,8 +134,12 @@ def test_cancel_leaves_a_resumable_output(
         p.run(out, progress=False, cancel=cancel, on_progress=on_progress)
     _not_loadable(out)
     assert not (out / "annbatch_nb" / "lock.json").exists(), "a cancelled run must release its lock"
-    result = p.run(out, progress=False)
+    seen: list[tuple[str, int]] = []
+    result = p.run(out, progress=False, on_progress=lambda what, n: seen.append((what, n)))
     assert result.datasets_resumed >= 1
+    # the resumed run reports what the earlier one did first, so progress still adds up to every cell
+    assert seen[0][0] == "rows" and seen[0][1] > 0
+    assert sum(n for what, n in seen if what == "rows") == p.n_obs
     assert _digest(out) == reference
 
 
