@@ -18,6 +18,7 @@ import heapq
 import json
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -692,6 +693,32 @@ def _assign_balanced(runs: np.ndarray, n_datasets: int, rng: np.random.Generator
     return assignment
 
 
+_JOIN_CACHE: OrderedDict[tuple[Any, ...], tuple[pd.Index, list[np.ndarray], dict[str, ColumnSpec]]] = (
+    OrderedDict()
+)
+
+
+def _joined(
+    infos: list[SourceInfo], var_join: VarJoin
+) -> tuple[pd.Index, list[np.ndarray], dict[str, ColumnSpec]]:
+    """Output var, per-input column maps and obs schema of the inputs.
+
+    Memoised: sweeps and the widget re-plan the same inputs with other parameters many times.
+    """
+    key = (var_join, *((i.path, i.display, i.size_bytes, i.mtime, i.n_vars, i.n_obs) for i in infos))
+    hit = _JOIN_CACHE.get(key)
+    if hit is None:
+        var_names = _join_var(infos, var_join)
+        var_maps = [var_names.get_indexer(i.var_names).astype(np.int64) for i in infos]
+        hit = (var_names, var_maps, _join_obs(infos))
+        _JOIN_CACHE[key] = hit
+        while len(_JOIN_CACHE) > 8:
+            _JOIN_CACHE.popitem(last=False)
+    else:
+        _JOIN_CACHE.move_to_end(key)
+    return hit
+
+
 def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibration | None = None) -> Plan:
     """Compute a plan from scanned metadata (no I/O).
 
@@ -718,12 +745,10 @@ def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibra
     """
     if not infos:
         raise InputError("<inputs>", "no input files were given")
-    var_names = _join_var(infos, params.var_join)
-    var_maps = [var_names.get_indexer(i.var_names).astype(np.int64) for i in infos]
+    var_names, var_maps, obs_schema = _joined(infos, params.var_join)
     x_kind: Literal["csr", "dense"] = "csr" if any(i.x_kind == "csr" for i in infos) else "dense"
     dtype = np.dtype(params.dtype) if params.dtype else np.result_type(*[i.dtype for i in infos])
     index_dtype = _smallest_unsigned(len(var_names))
-    obs_schema = _join_obs(infos)
 
     c = params.shuffle_chunk_size
     parts = []
@@ -847,9 +872,9 @@ def plan(
         (:func:`~annbatch_nb.predict.calibrate`, a few seconds, cached), or None for a cached calibration of
         these inputs on this machine if there is one, else the reference machine's rates.
     virtualize
-        How ``.h5ad`` inputs are read: ``"auto"`` (h5py for local files, a virtualizarr manifest for
-        ``s3://`` objects), ``True`` (the manifest, h5py with a warning where impossible) or ``False`` (h5py).
-        Only the reading changes, never the output bytes.
+        How ``.h5ad`` inputs are read: ``"auto"`` (h5py for local files and small ``s3://`` objects, a
+        virtualizarr manifest for larger ones), ``True`` (the manifest, h5py with a warning where
+        impossible) or ``False`` (h5py). Only the reading changes, never the output bytes.
 
     Returns
     -------
