@@ -78,8 +78,8 @@ def _add_virtualize_arg(p: argparse.ArgumentParser) -> None:
         "--virtualize",
         choices=list(_VIRTUALIZE),
         default="auto",
-        help="read .h5ad inputs through a virtualizarr manifest: auto (h5py for local files, the manifest "
-        "for s3:// objects; default), yes, or no (h5py)",
+        help="read .h5ad inputs through a virtualizarr manifest: auto (h5py for local files and s3:// "
+        "objects up to 64 MiB, the manifest for larger ones; default), yes, or no (h5py)",
     )
 
 

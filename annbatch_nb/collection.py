@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -318,6 +318,14 @@ def open_output(path: str | os.PathLike[str], plan: Plan, *, restart: bool = Fal
     except BaseException:
         release_lock(lock)
         raise
+
+
+def open_root(path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r+") -> zarr.Group:
+    """Open an existing output's root group: a local path, or an ``s3://`` URL (zarr's ``ObjectStore``)."""
+    if is_url(os.fspath(path)):
+        url = parse_url(os.fspath(path), OutputError)
+        return zarr.open_group(zarr_store(url, OutputError, read_only=mode == "r"), mode=mode)
+    return zarr.open_group(os.fspath(path), mode=mode)
 
 
 def _resumed_state(path: str, root: zarr.Group, plan: Plan, lock: Path | S3Lock) -> OutputState:

@@ -693,9 +693,7 @@ def _assign_balanced(runs: np.ndarray, n_datasets: int, rng: np.random.Generator
     return assignment
 
 
-_JOIN_CACHE: OrderedDict[tuple[Any, ...], tuple[pd.Index, list[np.ndarray], dict[str, ColumnSpec]]] = (
-    OrderedDict()
-)
+_JOIN_CACHE: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()
 
 
 def _joined(
@@ -703,20 +701,22 @@ def _joined(
 ) -> tuple[pd.Index, list[np.ndarray], dict[str, ColumnSpec]]:
     """Output var, per-input column maps and obs schema of the inputs.
 
-    Memoised: sweeps and the widget re-plan the same inputs with other parameters many times.
+    Memoised per set of scanned input records (the same objects): sweeps and the widget re-plan the same
+    inputs with other parameters many times. Entries keep their records alive, so an ``id`` is never reused
+    while it is a key.
     """
-    key = (var_join, *((i.path, i.display, i.size_bytes, i.mtime, i.n_vars, i.n_obs) for i in infos))
+    key = (var_join, *(id(i) for i in infos))
     hit = _JOIN_CACHE.get(key)
-    if hit is None:
+    if hit is None or any(a is not b for a, b in zip(hit[0], infos, strict=True)):
         var_names = _join_var(infos, var_join)
         var_maps = [var_names.get_indexer(i.var_names).astype(np.int64) for i in infos]
-        hit = (var_names, var_maps, _join_obs(infos))
+        hit = (tuple(infos), var_names, var_maps, _join_obs(infos))
         _JOIN_CACHE[key] = hit
         while len(_JOIN_CACHE) > 8:
             _JOIN_CACHE.popitem(last=False)
     else:
         _JOIN_CACHE.move_to_end(key)
-    return hit
+    return hit[1], hit[2], hit[3]
 
 
 def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibration | None = None) -> Plan:

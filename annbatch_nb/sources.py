@@ -42,6 +42,7 @@ from .stores import (
     list_keys,
     object_store,
     parse_url,
+    store_env,
     zarr_store,
 )
 
@@ -905,6 +906,11 @@ def build_manifest_store(spec: InputSpec) -> Any:
         raise VirtualizationError(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
+#: Manifests built in this process, so that a plan's execution does not parse its inputs again.
+_MANIFESTS: dict[tuple[str, int, float], Any] = {}
+_MANIFEST_CACHE_SIZE = 4096
+
+
 class _Clearing:
     """Context manager that drops a store's prefetched chunks on exit."""
 
@@ -933,9 +939,19 @@ class VirtualH5adSource(ZarrSource):
 
     def __init__(self, spec: InputSpec, info: SourceInfo | None = None, manifest: Any = None) -> None:
         self._store = manifest
+        if manifest is None and info is not None:  # reopened for a plan: reuse the scan's manifest
+            self._store = _MANIFESTS.get((spec.path, info.size_bytes, info.mtime))
         self._layouts: dict[str, _RawLayout] | None = None
         self._obstores: dict[str, tuple[Any, str]] = {}
         super().__init__(spec, info)
+        self.remember()
+
+    def remember(self) -> None:
+        """Keep this file's manifest for reopening it in this process (keyed by path, size and mtime)."""
+        if self._store is not None:
+            _MANIFESTS[(self.spec.path, self.info.size_bytes, self.info.mtime)] = self._store
+            while len(_MANIFESTS) > _MANIFEST_CACHE_SIZE:
+                _MANIFESTS.pop(next(iter(_MANIFESTS)))
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -1174,15 +1190,30 @@ def _check_virtualize(virtualize: Any) -> Virtualize:
     raise ParameterError(f"virtualize must be 'auto', True or False, got {virtualize!r}")
 
 
-def wants_virtual(spec: InputSpec, virtualize: Virtualize) -> bool:
+#: h5py on an object store reads through a file object with this many bytes of 4 MiB blocks cached.
+_H5PY_REMOTE_CACHE = 16 * (4 << 20)
+
+
+def wants_virtual(spec: InputSpec, virtualize: Virtualize, size: int | None = None) -> bool:
     """Whether ``virtualize`` asks to read this ``.h5ad`` input through a manifest.
 
-    ``"auto"`` picks the faster reader for the file and its store: h5py for a local file (the page cache and
-    h5py's C reads beat a manifest there, see ``benchmarks/README.md``), the manifest on an object store
-    (exact, concurrent range requests instead of h5py's small sequential reads through a file object).
+    ``"auto"`` picks the faster reader for the file and its store (measurements in ``benchmarks/README.md``):
+    h5py for a local file (h5py's C reads from the page cache beat a manifest's range reads); on an object
+    store, h5py through a block-cached file object when the whole object fits that cache (it then arrives in
+    a few 4 MiB requests), and the manifest for larger objects (exact, concurrent range requests instead of
+    re-fetching 4 MiB blocks for every scattered run).
+
+    Parameters
+    ----------
+    spec
+        The input.
+    virtualize
+        ``"auto"``, True or False.
+    size
+        Object size in bytes, if known (``"auto"`` on an object store); unknown counts as large.
     """
     if virtualize == "auto":
-        return is_url(spec.path)
+        return is_url(spec.path) and (size is None or size > _H5PY_REMOTE_CACHE)
     return bool(virtualize)
 
 
@@ -1244,7 +1275,8 @@ def _open_one(spec: InputSpec, info: SourceInfo | None, virtualize: Virtualize) 
                 )
             return ZarrSource(spec, info), None
     if _looks_like_h5ad(spec):
-        return _open_h5ad(spec, info, wants_virtual(spec, virtualize))
+        size = _remote_stat(spec)[0] if is_url(spec.path) and virtualize == "auto" else None
+        return _open_h5ad(spec, info, wants_virtual(spec, virtualize, size))
     if spec.path.endswith(".h5ad"):
         raise InputError(spec.display, "cannot be read as HDF5; is it a truncated or corrupt .h5ad?")
     raise InputError(spec.display, "is neither an .h5ad file nor a .zarr store")
@@ -1262,8 +1294,8 @@ def open_source(
     info
         Metadata from an earlier scan of the same input; skips the scan and reopens it with the same reader.
     virtualize
-        How to read an ``.h5ad`` input: ``"auto"`` (h5py for a local file, a virtualizarr manifest on an
-        object store), ``True`` (the manifest) or ``False`` (h5py). A file that cannot be virtualized is read
+        How to read an ``.h5ad`` input: ``"auto"`` (see :func:`wants_virtual`), ``True`` (a virtualizarr
+        manifest) or ``False`` (h5py). A file that cannot be virtualized is read
         with h5py, with a :class:`VirtualizationFallback` warning saying why.
 
     Returns
@@ -1298,7 +1330,10 @@ def input_exists(path: str) -> bool:
     return kind in ("file", "zarr")
 
 
-def _open_in_worker(spec: InputSpec, virtualize: Virtualize) -> tuple[Source, str | None]:
+def _open_in_worker(
+    spec: InputSpec, virtualize: Virtualize, env: dict[str, str]
+) -> tuple[Source, str | None]:
+    os.environ.update(env)  # a forkserver's workers have the environment it started with
     source, note = _open_one(spec, None, virtualize)
     source.close()
     return source, note
@@ -1352,9 +1387,12 @@ def open_sources(
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["annbatch_nb.sources"])
             with ProcessPoolExecutor(max_workers=min(workers, len(rest)), mp_context=ctx) as pool:
-                futures = {i: pool.submit(_open_in_worker, inputs[i], virtualize) for i in rest}
+                env = store_env()
+                futures = {i: pool.submit(_open_in_worker, inputs[i], virtualize, env) for i in rest}
                 for i, fut in futures.items():
                     opened[i], note = fut.result()
+                    if isinstance(opened[i], VirtualH5adSource):
+                        opened[i].remember()
                     if note:
                         _note_fallback(inputs[i].display, note)
         for i, spec in enumerate(inputs):

@@ -28,6 +28,7 @@ __all__ = [
     "list_keys",
     "object_store",
     "parse_url",
+    "store_env",
     "zarr_store",
 ]
 
@@ -121,6 +122,14 @@ def check_credentials(url: str, error: Callable[[str, str], AnnbatchNBError]) ->
             f"no credentials for the object store: set {' and '.join(missing)} (and AWS_ENDPOINT_URL, "
             f"AWS_REGION as needed), or {_SKIP_SIGNATURE}=true for a public bucket",
         )
+
+
+def store_env() -> dict[str, str]:
+    """The object-store settings of this process's environment (``AWS_*``), to hand to worker processes.
+
+    A forkserver's workers inherit the environment the forkserver started with, not the parent's current one.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
 def _endpoint() -> str | None:

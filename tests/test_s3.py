@@ -78,7 +78,7 @@ def _remote_digest(url: str) -> dict[str, str]:
 def local_twin(s3: MotoServer, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The S3 inputs shuffled into a local directory (the reference for byte comparisons)."""
     out = tmp_path_factory.mktemp("s3-twin") / "twin.zarr"
-    result = abn.shuffle(INPUTS, out, seed=7, progress=False, **KWARGS)
+    result = abn.shuffle(INPUTS, out, seed=7, progress=False, virtualize=True, **KWARGS)
     assert [i.reader for i in result.plan.inputs] == ["virtual", "virtual", "zarr"]
     return out
 
@@ -95,7 +95,7 @@ def test_s3_inputs_are_resolved_and_read_like_local_ones(s3: MotoServer) -> None
     ]
     local = s3.local_inputs  # type: ignore[attr-defined]
     for name in ("a.h5ad", "b.h5ad", "c.zarr"):
-        remote = open_source(f"s3://{BUCKET}/in/{name}")
+        remote = open_source(f"s3://{BUCKET}/in/{name}", virtualize=True)
         here = open_source(str(local / name))
         assert isinstance(remote, VirtualH5adSource) == name.endswith(".h5ad")
         runs = np.array([[0, 30], [50, 51], [100, 140]])
@@ -107,21 +107,31 @@ def test_s3_inputs_are_resolved_and_read_like_local_ones(s3: MotoServer) -> None
     assert type(plain) is H5adSource
     np.testing.assert_array_equal(plain.read_dense(runs), open_source(str(local / "a.h5ad")).read_dense(runs))
     with pytest.warns(abn.VirtualizationFallback, match="LZF"):
-        assert type(open_source(f"s3://{BUCKET}/in/d.h5ad")) is H5adSource
+        assert type(open_source(f"s3://{BUCKET}/in/d.h5ad", virtualize=True)) is H5adSource
+
+
+def test_auto_on_s3_picks_by_object_size(s3: MotoServer, monkeypatch) -> None:
+    """Small objects fit h5py's block cache whole (a few big requests); larger ones are virtualized."""
+    import annbatch_nb.sources as sources_mod
+
+    assert type(open_source(f"s3://{BUCKET}/in/a.h5ad")) is H5adSource
+    monkeypatch.setattr(sources_mod, "_H5PY_REMOTE_CACHE", 1024)
+    assert type(open_source(f"s3://{BUCKET}/in/a.h5ad")) is VirtualH5adSource
 
 
 def test_collection_on_s3_is_byte_identical_and_valid(s3: MotoServer, local_twin: Path) -> None:
     url = f"s3://{BUCKET}/out/atlas.zarr"
-    result = abn.shuffle(INPUTS, url, seed=7, progress=False, **KWARGS)
+    result = abn.shuffle(INPUTS, url, seed=7, progress=False, virtualize=True, **KWARGS)
     assert result.datasets_written == result.n_datasets > 1
     assert _remote_digest(url) == tree_digest(local_twin)
     report = abn.validate(url, inputs=INPUTS)
     assert report.ok, report
     assert report.checked_cells == result.n_obs
     assert abn.shuffle(INPUTS, url, seed=7, progress=False, **KWARGS).already_complete
-    # h5py over S3 (no manifest) gives the same bytes
+    # h5py over S3 (no manifest), written by two worker processes, gives the same bytes
     url2 = f"s3://{BUCKET}/out/plain.zarr"
-    abn.shuffle(INPUTS, url2, seed=7, progress=False, virtualize=False, **KWARGS)
+    two = abn.shuffle(INPUTS, url2, seed=7, progress=False, virtualize=False, workers=2, **KWARGS)
+    assert two.workers == 2
     assert _remote_digest(url2) == tree_digest(local_twin)
 
 
@@ -160,7 +170,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 CLI_PARAMS = ["--shuffle-chunk-size", "40", "--dataset-size", "300", "--shard-size", "16KB"]
-CLI_PARAMS += ["--n-obs-per-chunk", "16", "--seed", "7", "--no-progress", "-q"]
+CLI_PARAMS += ["--n-obs-per-chunk", "16", "--seed", "7", "--no-progress", "-q", "--virtualize", "yes"]
 
 
 def test_kill_on_s3_then_resume_gives_identical_bytes(s3: MotoServer, local_twin: Path) -> None:
