@@ -16,11 +16,13 @@ __version__ = "0.1.0"
 from .collection import ValidationReport, validate
 from .engine import ShuffleResult, execute, shuffle
 from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError
-from .plan import Parameters, Plan, build_plan, plan, scan
+from .plan import Parameters, Plan, build_plan, plan, scan, sweep
+from .predict import Calibration, calibrate
 from .sources import VirtualizationFallback
 
 __all__ = [
     "AnnbatchNBError",
+    "Calibration",
     "CancelledError",
     "InputError",
     "OutputError",
@@ -32,10 +34,12 @@ __all__ = [
     "VirtualizationFallback",
     "__version__",
     "build_plan",
+    "calibrate",
     "execute",
     "plan",
     "scan",
     "shuffle",
+    "sweep",
     "validate",
 ]
 
