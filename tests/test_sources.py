@@ -167,3 +167,12 @@ def test_scan_reads_no_x_data_and_writes_nothing(inputs) -> None:
 )
 def test_coalesce_runs(runs, expected) -> None:
     np.testing.assert_array_equal(coalesce_runs(np.array(runs, dtype=np.int64)), np.array(expected))
+
+
+def test_ranges_close_together_are_grouped_and_far_ones_are_not() -> None:
+    from annbatch_nb.sources import _group_ranges
+
+    ranges = [(0, 10), (15, 20), (100, 120), (121, 130)]
+    assert _group_ranges(ranges, 5) == [[(0, 10), (15, 20)], [(100, 120), (121, 130)]]
+    assert _group_ranges(ranges, 0) == [[r] for r in ranges]  # h5py: every range read apart
+    assert _group_ranges(ranges, 1000) == [ranges]
