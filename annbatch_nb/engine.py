@@ -665,7 +665,7 @@ def resolve_workers(workers: int | str, plan: Plan, n_todo: int) -> int:
         For anything but a positive whole number or ``"auto"``.
     """
     if workers == "auto":
-        if n_todo <= 1 or plan.seconds < _PARALLEL_MIN_SECONDS:
+        if n_todo <= 1 or plan.seconds < _PARALLEL_MIN_SECONDS:  # too short to pay for starting processes
             return 1
         import psutil
 
@@ -824,6 +824,7 @@ def execute(
         If ``cancel`` was set (the run stays resumable).
     """
     t0 = time.perf_counter()
+    resolve_workers(workers, plan, 1)  # a bad value fails before anything is opened
     sources = _open_for_plan(plan)  # inputs first: a vanished or changed input creates no output
     try:
         state = open_output(output, plan, restart=restart)

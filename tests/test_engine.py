@@ -442,3 +442,27 @@ def test_column_numbers_out_of_range_are_reported_with_the_file(inputs, tmp_path
     with pytest.raises(abn.InputError, match=r"outside 0\.\.n_vars-1") as e:
         shuffle([str(broken)], tmp_path / "out.zarr", shuffle_chunk_size=5, dataset_size=10)
     assert e.value.path == str(broken)
+
+
+def test_two_worker_processes_write_the_same_bytes_as_one(inputs, tmp_path: Path) -> None:
+    genes = [f"g{i}" for i in range(40)]
+    paths = [inputs.add(f"in{j}.h5ad", make_adata(300, genes, seed=j, prefix=f"c{j}-")) for j in range(3)]
+    kw = {"shuffle_chunk_size": 20, "dataset_size": 200, "seed": 4}
+    one = abn.plan(paths, **kw).run(tmp_path / "one.zarr", progress=False, workers=1)
+    rows: list[int] = []
+    two = abn.plan(paths, **kw).run(
+        tmp_path / "two.zarr",
+        progress=False,
+        workers=2,
+        on_progress=lambda w, n: rows.append(n) if w == "rows" else None,
+    )
+    assert (one.workers, two.workers) == (1, 2) and two.datasets_written == 5
+    assert sum(rows) == 900  # progress crosses the process boundary
+    assert tree_digest(tmp_path / "one.zarr") == tree_digest(tmp_path / "two.zarr")
+
+
+def test_workers_must_be_positive(inputs, tmp_path: Path) -> None:
+    path = inputs.add("a.h5ad", make_adata(50, ["g0", "g1"], seed=0))
+    with pytest.raises(abn.ParameterError, match="workers"):
+        abn.plan([path], shuffle_chunk_size=10, dataset_size=20, seed=0).run(tmp_path / "o.zarr", workers=0)
+    assert not (tmp_path / "o.zarr").exists()
