@@ -58,5 +58,9 @@ lab: $(VENV)/.installed-test
 	$(BIN)/python -m ipykernel install --sys-prefix --display-name "Python 3 (annbatch-nb)" >/dev/null
 	$(BIN)/python -m jupyter lab --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
+# Side-by-side benchmark against annbatch (see benchmarks/README.md); e.g. make bench BENCH_ARGS="--repeats 5"
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/bench_shuffle.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
