@@ -797,7 +797,7 @@ def markdown_tables(meta: dict[str, Any], runs: list[Run], configs: list[Config]
     """The results as markdown: runs table, ratio table, and the scaling / chunk-size tables of the mode."""
     rows = summarize(runs)
     lines = [
-        "| inputs | cache | engine | ok/runs | median s | min–max s | median peak RSS GiB | output MiB "
+        "| inputs | cache | engine | used/runs | median s | min–max s | median peak RSS GiB | output MiB "
         "| other load (max) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -903,6 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command line flags."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
+    ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of a saved results file")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument(
         "--scaling", action="store_true", help="1x/2x/4x cells per file: annbatch-nb and io-floor"
@@ -956,11 +957,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def report(path: Path) -> int:
+    """Print the header and tables of a results json written by an earlier run."""
+    saved = json.loads(path.read_text())
+    meta = saved["meta"]
+    runs = [Run(**{k: v for k, v in r.items() if k in Run.__dataclass_fields__}) for r in saved["runs"]]
+    configs = [Config(**c) for c in meta["configs"]]
+    print(header_markdown(meta))
+    print()
+    print(markdown_tables(meta, runs, configs))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark described by the flags; print and save the results."""
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    if args.report:
+        return report(args.report)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed benchmark kills its worker
     sys.path.insert(0, str(HERE))
     from make_data import dataset_dir_name, dataset_summary, make_dataset
