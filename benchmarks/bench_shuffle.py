@@ -941,8 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-other-load",
         type=float,
-        default=0.15,
-        help="share of all CPUs other processes may use; busier runs are noisy (default 0.15; 1 = ignore)",
+        default=0.25,
+        help="share of all CPUs other processes may use; busier runs are noisy (default 0.25; 1 = ignore)",
     )
     ap.add_argument(
         "--quiet-timeout", type=float, default=300, help="max seconds to wait for a quiet machine"
