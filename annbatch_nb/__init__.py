@@ -7,12 +7,15 @@ The public API::
     p = abn.plan(["a.h5ad", "b.zarr"], shuffle_chunk_size=1000, dataset_size="2GB", seed=0)
     result = p.run("out.zarr")            # same as abn.shuffle(inputs, "out.zarr", ...)
     report = abn.validate("out.zarr", inputs=["a.h5ad", "b.zarr"])
+    abn.plan_append(["c.h5ad"], "out.zarr").describe()  # cost and mixing of adding cells
+    abn.append(["c.h5ad"], "out.zarr")    # same as abn.shuffle(["c.h5ad"], "out.zarr", mode="append")
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .append import AppendPlan, AppendResult, append, plan_append
 from .collection import ValidationReport, validate
 from .engine import ShuffleResult, execute, shuffle
 from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError
@@ -22,6 +25,8 @@ from .sources import VirtualizationFallback
 
 __all__ = [
     "AnnbatchNBError",
+    "AppendPlan",
+    "AppendResult",
     "Calibration",
     "CancelledError",
     "InputError",
@@ -33,10 +38,12 @@ __all__ = [
     "ValidationReport",
     "VirtualizationFallback",
     "__version__",
+    "append",
     "build_plan",
     "calibrate",
     "execute",
     "plan",
+    "plan_append",
     "scan",
     "shuffle",
     "sweep",

@@ -73,6 +73,17 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 _VIRTUALIZE = {"auto": "auto", "yes": True, "no": False}
 
 
+def _add_rewrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rewrite",
+        type=_rewrite,
+        default="auto",
+        metavar="SHARE|auto",
+        help="appending: share of the existing datasets reshuffled with the new cells (0 = new datasets "
+        "only, 1 = everything); auto (default): the least whose quality is >= 95%% of a full rewrite's",
+    )
+
+
 def _add_virtualize_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--virtualize",
@@ -101,9 +112,39 @@ def _plan_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _rewrite(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] or auto, got {text!r}") from None
+
+
+def _append_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The options an append takes; the collection keeps its own shuffle parameters."""
+    from .errors import ParameterError
+
+    extra = ["-o", "x"] if args.command == "shuffle" else []
+    defaults = build_parser().parse_args([args.command, "x", *extra])
+    names = ["shuffle_chunk_size", "dataset_size", "n_obs_per_chunk", "shard_size", "var_join", "dtype"]
+    names += ["assignment", "memory_fraction", "calibrate"]
+    changed = [n for n in names if getattr(args, n) != getattr(defaults, n)]
+    if changed:
+        flags = ", ".join("--" + n.replace("_", "-") for n in changed)
+        raise ParameterError(f"{flags} cannot be set when appending: the collection keeps its own parameters")
+    return {"rewrite": args.rewrite, "seed": args.seed, "virtualize": _VIRTUALIZE[args.virtualize]}
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .plan import plan
 
+    if args.append_to:
+        from .append import plan_append
+
+        ap = plan_append(args.inputs, args.append_to, **_append_kwargs(args))
+        print(json.dumps(ap.summary(), indent=2) if args.json else ap.describe())
+        return 0
     p = plan(args.inputs, **_plan_kwargs(args))
     if args.json:
         print(json.dumps(p.summary(), indent=2))
@@ -120,6 +161,30 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_shuffle(args: argparse.Namespace) -> int:
     from .plan import plan
 
+    if args.append:
+        from .append import already_appended, append, pending_commit, plan_append
+        from .errors import ParameterError
+
+        kwargs = _append_kwargs(args)
+        if args.restart:
+            raise ParameterError("--restart cannot be combined with --append")
+        run = {"progress": not args.no_progress, "workers": args.workers}
+        if pending_commit(args.output) or already_appended(args.inputs, args.output):
+            res = append(args.inputs, args.output, **run, **kwargs)  # finishes a commit / nothing to do
+        else:
+            ap = plan_append(args.inputs, args.output, **kwargs)
+            if not args.quiet:
+                print(f"plan: {ap.describe()}", file=sys.stderr)
+            res = ap.run(**run)
+        if res.finished_interrupted:
+            print("finished the commit of an interrupted append")
+        if res.already_complete:
+            print(f"{args.output}: the inputs are already in the collection, nothing to do")
+            return 0
+        if res.datasets_resumed:
+            print(f"resumed: {res.datasets_resumed} of {res.n_datasets} datasets already complete")
+        print(f"wrote {res}")
+        return 0
     p = plan(args.inputs, **_plan_kwargs(args))
     if not args.quiet:
         print(f"plan: {p.describe()}", file=sys.stderr)
@@ -190,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="describe what a shuffle would do, without moving data")
     _add_plan_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--append-to",
+        metavar="COLLECTION",
+        default=None,
+        help="plan adding INPUTs to this finished collection: cost (I/O vs a rewrite) and mixing quality",
+    )
+    _add_rewrite_arg(p)
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("shuffle", help="write an annbatch collection (resumes an interrupted run)")
@@ -209,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard an earlier annbatch-nb run at OUTPUT (only what it wrote)",
     )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add INPUTs to the finished collection OUTPUT, mixed in, datasets kept <= its dataset size "
+        "(re-run to resume; the collection's parameters are kept)",
+    )
+    _add_rewrite_arg(p)
     p.set_defaults(func=_cmd_shuffle)
 
     p = sub.add_parser("validate", help="check a collection (and, with --inputs, its content)")

@@ -543,6 +543,7 @@ def _write_manifest(root: zarr.Group, plan: Plan) -> None:
         "x_kind": plan.x_kind,
         "dtype": plan.dtype.name,
         "n_datasets": plan.n_datasets,
+        "dataset_rows": plan.dataset_rows,
         "rows_per_dataset": plan.rows_per_dataset.tolist(),
     }
     meta = root.create_group(META_KEY, attributes=attrs)

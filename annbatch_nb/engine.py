@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,9 @@ from .plan import DEFAULT_DATASET_SIZE, Assignment, Plan, VarJoin, plan
 from .shards import ShardedArray
 from .sources import ColumnSpec, InputSpec, Source, Virtualize, input_exists, open_source
 from .stores import WRITE_ERRORS, describe_store_error, store_env
+
+if TYPE_CHECKING:
+    from .append import AppendResult
 
 __all__ = ["ShuffleResult", "execute", "shuffle", "write_dataset"]
 
@@ -899,8 +902,10 @@ def shuffle(
     restart: bool = False,
     virtualize: Virtualize = "auto",
     workers: int | Literal["auto"] = "auto",
-) -> ShuffleResult:
-    """Preshuffle AnnData files into an annbatch collection.
+    mode: Literal["write", "append"] = "write",
+    rewrite: float | Literal["auto"] = "auto",
+) -> ShuffleResult | AppendResult:
+    """Preshuffle AnnData files into an annbatch collection, or add them to one.
 
     Rows of the inputs (in input order) are cut into runs of ``shuffle_chunk_size``; the runs are spread at
     random over output datasets of about ``dataset_size``; each dataset's rows are fully permuted and written
@@ -940,12 +945,47 @@ def shuffle(
         How ``.h5ad`` inputs are read: ``"auto"``, ``True`` or ``False`` (see :func:`annbatch_nb.plan`).
     workers
         Processes writing datasets side by side (see :func:`execute`).
+    mode
+        ``write`` a new collection (or resume one), or ``append`` ``inputs`` to the finished collection
+        ``output`` (see :func:`annbatch_nb.append.append`; the collection's own parameters are kept, so only
+        ``seed``, ``rewrite``, ``progress``, ``cancel``, ``workers`` and ``virtualize`` apply).
+    rewrite
+        With ``mode="append"``: share of the existing datasets reshuffled with the new cells, or ``"auto"``.
 
     Returns
     -------
-    ShuffleResult
+    ShuffleResult or AppendResult
         What was written.
     """
+    if mode == "append":
+        given = {
+            "shuffle_chunk_size": (shuffle_chunk_size, 1000),
+            "dataset_size": (dataset_size, DEFAULT_DATASET_SIZE),
+            "n_obs_per_chunk": (n_obs_per_chunk, 64),
+            "shard_size": (shard_size, "1GB"),
+            "var_join": (var_join, "outer"),
+            "dtype": (dtype, None),
+            "assignment": (assignment, "balanced"),
+        }
+        ignored = [k for k, (v, default) in given.items() if v != default]
+        if ignored:
+            raise ParameterError(
+                f"{', '.join(ignored)} cannot be set when appending: the collection keeps its own parameters"
+            )
+        from .append import append
+
+        return append(
+            inputs,
+            output,
+            rewrite=rewrite,
+            seed=seed,
+            progress=progress,
+            cancel=cancel,
+            workers=workers,
+            virtualize=virtualize,
+        )
+    if mode != "write":
+        raise ParameterError(f"mode must be 'write' or 'append', got {mode!r}")
     p = plan(
         inputs,
         shuffle_chunk_size=shuffle_chunk_size,

@@ -425,10 +425,16 @@ class Plan:
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- sizes ----------------------------------------------------------------------------------------
-    @property
+    @cached_property
     def n_obs(self) -> int:
-        """Total cells."""
-        return int(sum(i.n_obs for i in self.inputs))
+        """Cells this plan writes (every input row, unless it takes some runs only, as an append does)."""
+        return int((self.runs[:, 2] - self.runs[:, 1]).sum())
+
+    @cached_property
+    def input_rows(self) -> np.ndarray:
+        """Rows this plan takes from each input."""
+        lengths = self.runs[:, 2] - self.runs[:, 1]
+        return np.bincount(self.runs[:, 0], weights=lengths, minlength=len(self.inputs)).astype(np.int64)
 
     @property
     def n_vars(self) -> int:
@@ -438,7 +444,15 @@ class Plan:
     @property
     def nnz(self) -> int:
         """Stored entries of all inputs (an upper bound of the output's for an inner join)."""
-        return int(sum(i.nnz for i in self.inputs)) if self.x_kind == "csr" else self.n_obs * self.n_vars
+        if self.x_kind == "dense":
+            return self.n_obs * self.n_vars
+        rows = self.input_rows
+        return int(
+            sum(
+                i.nnz if r == i.n_obs else round(i.nnz * r / max(i.n_obs, 1))
+                for i, r in zip(self.inputs, rows.tolist(), strict=True)
+            )
+        )
 
     @cached_property
     def rows_per_dataset(self) -> np.ndarray:
@@ -577,6 +591,11 @@ class Plan:
                 {k: v for k, v in r.items() if k != "path"} | {"display": r["path"]}
                 for r in self.inputs_record()
             ],
+            # the assignment itself: plans that take some runs only (appends) differ here
+            "assignment": hashlib.sha256(
+                np.ascontiguousarray(self.runs, dtype=np.int64).tobytes()
+                + np.ascontiguousarray(self.run_dataset, dtype=np.int64).tobytes()
+            ).hexdigest(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
