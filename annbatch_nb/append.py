@@ -123,6 +123,8 @@ class AppendPlan:
     reference
         The append that rewrites every dataset (the yardstick of ``rewrite="auto"`` and of the cost); None
         when this is that append.
+    dropped_genes
+        Per new input, genes left out because the collection lacks them (``new_genes="drop"``).
     """
 
     output: str
@@ -134,6 +136,7 @@ class AppendPlan:
     pool: Plan
     rewrite: float | str
     reference: AppendPlan | None = None
+    dropped_genes: dict[str, int] = field(default_factory=dict)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- shape ----------------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ class AppendPlan:
             "quality_details": q.to_dict(),
             "full_rewrite_quality": self.full_rewrite_quality.score,
             "seed": self.pool.params.seed,
+            "dropped_genes": self.dropped_genes,
         }
 
     def describe(self) -> str:
@@ -300,6 +304,10 @@ class AppendPlan:
             f"{format_bytes(io['full_write'])})\n"
             f"  quality {q.score:.2f} (run mixing {q.run_mixing:.2f}, composition {q.composition:.2f}); "
             f"a full rewrite: {self.full_rewrite_quality.score:.2f}"
+            + "".join(
+                f"\n  {name}: {n:,} gene(s) not in the collection are dropped"
+                for name, n in self.dropped_genes.items()
+            )
         )
 
     def run(
@@ -444,8 +452,14 @@ def _append_seed(manifest: dict[str, Any], new: list[SourceInfo]) -> int:
 
 
 def _check_compatible(
-    manifest: dict[str, Any], var_names: pd.Index, new: list[SourceInfo], params: Parameters
-) -> None:
+    manifest: dict[str, Any],
+    var_names: pd.Index,
+    new: list[SourceInfo],
+    params: Parameters,
+    new_genes: Literal["error", "drop"],
+) -> dict[str, int]:
+    """Refuse new inputs that cannot join; return the genes dropped per new input (``new_genes="drop"``)."""
+    dropped: dict[str, int] = {}
     for info in new:
         if manifest["x_kind"] == "dense" and info.x_kind == "csr":
             raise InputError(
@@ -457,13 +471,16 @@ def _check_compatible(
                 f"has X of {info.dtype} which does not fit the collection's {manifest['dtype']}; write a new "
                 "collection instead",
             )
+        extra = info.var_names[~info.var_names.isin(var_names)]
+        if len(extra):
+            dropped[info.display] = len(extra)
         if params.var_join == "outer":
-            extra = info.var_names[~info.var_names.isin(var_names)]
-            if len(extra):
+            if len(extra) and new_genes != "drop":
                 raise InputError(
                     info.display,
-                    f"has {len(extra):,} gene(s) the collection lacks (e.g. {extra[0]!r}); every dataset would "
-                    "need them: write a new collection with all inputs instead",
+                    f"has {len(extra):,} gene(s) the collection lacks (e.g. {extra[0]!r}); every dataset "
+                    "would need them: drop them (new_genes='drop', --drop-new-genes) or write a new "
+                    "collection",
                 )
         else:
             lacking = var_names[~var_names.isin(info.var_names)]
@@ -473,6 +490,7 @@ def _check_compatible(
                     f"lacks {len(lacking):,} of the collection's genes (e.g. {lacking[0]!r}) and the "
                     "collection uses var_join='inner'; write a new collection with all inputs instead",
                 )
+    return dropped
 
 
 def _check_names(old: list[SourceInfo], new: list[SourceInfo]) -> None:
@@ -524,6 +542,7 @@ def plan_append(
     *,
     rewrite: float | Literal["auto"] = "auto",
     seed: int | None = None,
+    new_genes: Literal["error", "drop"] = "error",
     virtualize: Virtualize = "auto",
     calibration: Calibration | None = None,
 ) -> AppendPlan:
@@ -541,6 +560,10 @@ def plan_append(
     seed
         Seed of the random choices; default: derived from the collection and the new inputs (so re-running the
         same append resumes it).
+    new_genes
+        What to do with genes of the new inputs that the collection lacks: ``"error"`` (default), or
+        ``"drop"`` them (their values are left out; the counts are in :attr:`AppendPlan.dropped_genes`).
+        Keeping them would change every dataset's var, i.e. a full rewrite.
     virtualize
         How ``.h5ad`` inputs are read (see :func:`annbatch_nb.plan`).
     calibration
@@ -562,6 +585,8 @@ def plan_append(
         For a bad ``rewrite`` or ``seed``.
     """
     out = Path(output)
+    if new_genes not in ("error", "drop"):
+        raise ParameterError(f"new_genes must be 'error' or 'drop', got {new_genes!r}")
     if rewrite != "auto" and (
         isinstance(rewrite, bool) or not isinstance(rewrite, int | float) or not 0 <= rewrite <= 1
     ):
@@ -596,7 +621,7 @@ def plan_append(
     index_dtype = (
         np.dtype(first["X"]["indices"].dtype) if manifest["x_kind"] == "csr" else np.dtype(np.uint32)
     )
-    _check_compatible(manifest, var_names, new, params)
+    dropped = _check_compatible(manifest, var_names, new, params, new_genes)
     _check_names(old, new)
     infos = old + new
     obs_schema = _join_obs(infos)  # raises on conflicting column types, naming the file
@@ -638,6 +663,7 @@ def plan_append(
             pool=p,
             rewrite=rewrite,
             reference=reference,
+            dropped_genes=dropped,
         )
 
     full = build(n_old, None)  # every dataset rewritten: the yardstick
@@ -868,6 +894,7 @@ def append(
     cancel: threading.Event | None = None,
     on_progress: ProgressCallback | None = None,
     workers: int | Literal["auto"] = "auto",
+    new_genes: Literal["error", "drop"] = "error",
     virtualize: Virtualize = "auto",
 ) -> AppendResult:
     """Add the cells of ``new_inputs`` to the finished collection ``output``, mixed in.
@@ -894,6 +921,9 @@ def append(
         Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments.
     workers
         Processes writing datasets side by side.
+    new_genes
+        ``"error"`` (default) or ``"drop"``: genes of the new inputs the collection lacks (see
+        :func:`plan_append`).
     virtualize
         How ``.h5ad`` inputs are read.
 
@@ -915,7 +945,7 @@ def append(
         return AppendResult(
             str(out), already_complete=True, finished_interrupted=finished, seconds=time.perf_counter() - t0
         )
-    p = plan_append(new_inputs, out, rewrite=rewrite, seed=seed, virtualize=virtualize)
+    p = plan_append(new_inputs, out, rewrite=rewrite, seed=seed, new_genes=new_genes, virtualize=virtualize)
     result = p.run(progress=progress, cancel=cancel, on_progress=on_progress, workers=workers)
     result.finished_interrupted = finished
     return result

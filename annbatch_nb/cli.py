@@ -82,6 +82,11 @@ def _add_rewrite_arg(p: argparse.ArgumentParser) -> None:
         help="appending: share of the existing datasets reshuffled with the new cells (0 = new datasets "
         "only, 1 = everything); auto (default): the least whose quality is >= 95%% of a full rewrite's",
     )
+    p.add_argument(
+        "--drop-new-genes",
+        action="store_true",
+        help="appending: leave out genes of INPUTs that the collection lacks (default: refuse)",
+    )
 
 
 def _add_virtualize_arg(p: argparse.ArgumentParser) -> None:
@@ -133,7 +138,12 @@ def _append_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if changed:
         flags = ", ".join("--" + n.replace("_", "-") for n in changed)
         raise ParameterError(f"{flags} cannot be set when appending: the collection keeps its own parameters")
-    return {"rewrite": args.rewrite, "seed": args.seed, "virtualize": _VIRTUALIZE[args.virtualize]}
+    return {
+        "rewrite": args.rewrite,
+        "seed": args.seed,
+        "new_genes": "drop" if args.drop_new_genes else "error",
+        "virtualize": _VIRTUALIZE[args.virtualize],
+    }
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

@@ -242,6 +242,12 @@ def test_append_refuses_what_it_cannot_do(files, coll: Path, tmp_path: Path) -> 
     novel = str(write_adata(extra, tmp_path / "novel.h5ad", "h5ad"))
     with pytest.raises(InputError, match=r"novel.h5ad: has 1 gene\(s\) the collection lacks"):
         plan_append([novel], coll)
+    dropping = plan_append([novel], coll, rewrite=0, new_genes="drop")
+    assert dropping.dropped_genes == {novel: 1}
+    assert "1 gene(s) not in the collection are dropped" in dropping.describe()
+    dropping.run(progress=False)
+    assert abn.validate(coll, inputs=[*old, novel]).ok  # the kept genes are exact
+    assert abn.append([novel], coll, progress=False).already_complete
     with pytest.raises(InputError, match=r"old0\.zarr: is already in the collection"):
         plan_append([old[0], new[0]], coll)
     typed = make_adata(50, GENES, seed=4, prefix="t-", obs={"count": lambda rng, n: np.array(["a"] * n)})
