@@ -135,6 +135,18 @@ def _check_location(path: Path, plan: Plan) -> None:
         raise OutputError(path, f"cannot be written: {parent} is not writable")
 
 
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of an annbatch-nb output (local or ``s3://``), or None if there is none."""
+    if is_url(os.fspath(path)):
+        try:
+            url = parse_url(os.fspath(path), OutputError)
+            keys = {str(o["path"]) for o in list_keys(object_store(url, OutputError, prefix=True))}
+        except Exception:
+            return None
+        return _read_manifest_s3(url, keys)
+    return _read_manifest(Path(path))
+
+
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     if not (path / "zarr.json").is_file() or not (path / META_KEY / "zarr.json").is_file():
         return None

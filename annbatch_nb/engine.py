@@ -7,6 +7,7 @@ the output dtype + int32 column indices + row pointers; dense: the rows) plus on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -19,9 +20,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .collection import DatasetWriter, commit, mark_complete, open_output, open_root, release_lock
+from .collection import (
+    DatasetWriter,
+    commit,
+    mark_complete,
+    open_output,
+    open_root,
+    read_manifest,
+    release_lock,
+)
 from .errors import CancelledError, InputError, OutputError, ParameterError
-from .plan import DEFAULT_DATASET_SIZE, Assignment, Plan, VarJoin, plan
+from .plan import DEFAULT_DATASET_SIZE, Assignment, Plan, VarJoin, build_plan, plan
 from .shards import ShardedArray
 from .sources import ColumnSpec, InputSpec, Source, Virtualize, input_exists, open_source
 from .stores import WRITE_ERRORS, describe_store_error, store_env
@@ -782,6 +791,23 @@ def _run_in_processes(
             drain(0)
 
 
+def _with_recorded_seed(plan: Plan, output: str | os.PathLike[str]) -> Plan:
+    """The plan an earlier run at ``output`` was started with, when ``plan`` differs only by a drawn seed.
+
+    A call without a seed draws one; re-running it after an interruption must resume, not refuse.
+    """
+    if not plan.params.seed_drawn:
+        return plan
+    manifest = read_manifest(output)
+    if manifest is None or manifest.get("fingerprint") == plan.fingerprint:
+        return plan
+    seed = manifest.get("params", {}).get("seed")
+    if not isinstance(seed, int) or seed == plan.params.seed:
+        return plan
+    candidate = build_plan(plan.inputs, dataclasses.replace(plan.params, seed=seed), plan.calibration)
+    return candidate if candidate.fingerprint == manifest.get("fingerprint") else plan
+
+
 def execute(
     plan: Plan,
     output: str | os.PathLike[str],
@@ -828,6 +854,7 @@ def execute(
     """
     t0 = time.perf_counter()
     resolve_workers(workers, plan, 1)  # a bad value fails before anything is opened
+    plan = _with_recorded_seed(plan, output)
     sources = _open_for_plan(plan)  # inputs first: a vanished or changed input creates no output
     try:
         state = open_output(output, plan, restart=restart)

@@ -137,6 +137,9 @@ class Parameters:
         within); ``uniform``: runs are permuted and cut into datasets (annbatch's scheme).
     memory_fraction
         Fraction of the machine's memory ``dataset_size="auto"`` plans for.
+    seed_drawn
+        The seed was drawn because none was given: re-running the same call on an unfinished output adopts
+        the seed recorded there, so it resumes (not part of the plan's identity).
     """
 
     shuffle_chunk_size: int = 1000
@@ -148,6 +151,7 @@ class Parameters:
     dtype: str | None = None
     assignment: Assignment = "balanced"
     memory_fraction: float = DEFAULT_MEMORY_FRACTION
+    seed_drawn: bool = field(default=False, compare=False)
 
     @classmethod
     def validated(
@@ -170,6 +174,7 @@ class Parameters:
         ParameterError
             With a message naming the parameter.
         """
+        drawn = seed is None
         if seed is None:
             seed = int(np.random.SeedSequence().entropy % (2**63))
         elif isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
@@ -199,6 +204,7 @@ class Parameters:
             dtype=dtype_str,
             assignment=assignment,  # type: ignore[arg-type]
             memory_fraction=float(memory_fraction),
+            seed_drawn=drawn,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -107,6 +107,24 @@ def test_kill_anywhere_then_resume_gives_identical_bytes(
     assert abn.validate(out, inputs=untouched_inputs).ok
 
 
+def test_rerun_without_a_seed_resumes_with_the_recorded_one(
+    untouched_inputs: list[str], tmp_path: Path
+) -> None:
+    """The same command, seed drawn each time: the re-run adopts the seed the interrupted run recorded."""
+    out = tmp_path / "out.zarr"
+    args = ["shuffle", *untouched_inputs, "-o", str(out), *[a for a in PARAMS if a not in ("--seed", "11")]]
+    killed = _cli(*args, env={"ANNBATCH_NB_STOP_AT": "dataset-written:2"})
+    assert killed.returncode == -9, killed.stderr
+    recorded = zarr.open_group(str(out), mode="r")["annbatch_nb"].attrs["params"]["seed"]
+    resumed = _cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed: 2 of 5 datasets already complete" in resumed.stdout
+    assert zarr.open_group(str(out), mode="r")["annbatch_nb"].attrs["params"]["seed"] == recorded
+    assert abn.validate(out, inputs=untouched_inputs).ok
+    again = _cli(*args)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
 def test_cancel_leaves_a_resumable_output(
     untouched_inputs: list[str], reference: dict[str, str], tmp_path: Path
 ):
