@@ -444,9 +444,17 @@ def _old_infos(manifest: dict[str, Any], virtualize: Virtualize) -> list[SourceI
 
 
 def _append_seed(manifest: dict[str, Any], new: list[SourceInfo]) -> int:
-    """The default seed of an append: fixed by the collection and the new inputs, so a re-run resumes."""
+    """The default seed of an append, fixed by what the append is.
+
+    From the collection's seed, its number of appends and the new inputs (as given, with their shapes):
+    re-running the same append resumes it, wherever the files sit.
+    """
     payload = json.dumps(
-        [manifest.get("fingerprint"), [(i.path, i.size_bytes, i.mtime) for i in new]], sort_keys=True
+        [
+            manifest.get("params", {}).get("seed"),
+            len(manifest.get("appends", [])),
+            [(i.display, i.n_obs, i.n_vars, i.nnz) for i in new],
+        ]
     )
     return int.from_bytes(hashlib.sha256(payload.encode()).digest()[:8], "little") % (2**63)
 
