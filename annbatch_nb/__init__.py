@@ -15,7 +15,14 @@ __version__ = "0.1.0"
 
 from .collection import ValidationReport, validate
 from .engine import ShuffleResult, execute, shuffle
-from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError
+from .errors import (
+    AnnbatchNBError,
+    CancelledError,
+    ClusterError,
+    InputError,
+    OutputError,
+    ParameterError,
+)
 from .plan import Parameters, Plan, build_plan, plan, scan, sweep
 from .predict import Calibration, calibrate
 from .sources import VirtualizationFallback
@@ -24,6 +31,7 @@ __all__ = [
     "AnnbatchNBError",
     "Calibration",
     "CancelledError",
+    "ClusterError",
     "InputError",
     "OutputError",
     "ParameterError",
