@@ -16,7 +16,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from . import __version__
-from .errors import AnnbatchNBError, CancelledError
+from .errors import AnnbatchNBError, CancelledError, ParameterError
 
 __all__ = ["main"]
 
@@ -120,10 +120,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_shuffle(args: argparse.Namespace) -> int:
     from .plan import plan
 
+    if args.scheduler is not None and args.workers != "auto":
+        raise ParameterError(
+            "--workers sizes a local cluster (--cluster local) or the local process pool; a running "
+            "scheduler (--scheduler) brings its own workers"
+        )
     p = plan(args.inputs, **_plan_kwargs(args))
     if not args.quiet:
         print(f"plan: {p.describe()}", file=sys.stderr)
-    result = p.run(args.output, progress=not args.no_progress, restart=args.restart, workers=args.workers)
+    run = {"progress": not args.no_progress, "restart": args.restart}
+    if args.scheduler is None and args.cluster is None:
+        result = p.run(args.output, workers=args.workers, **run)
+    else:
+        from .distributed import cluster_client
+
+        n_workers = None if args.workers == "auto" else args.workers
+        with cluster_client(args.scheduler, n_workers) as client:
+            if args.no_progress and not args.quiet:  # the progress bars print it otherwise
+                print(f"dask: dashboard {client.dashboard_link}", file=sys.stderr)
+            result = p.run(args.output, client=client, retries=args.retries, **run)
     if result.already_complete:
         print(f"{args.output}: already complete, nothing to do")
         return 0
@@ -202,7 +217,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: v if v == "auto" else int(v),
         default="auto",
         metavar="N|auto",
-        help="processes writing datasets side by side (default auto: cores, datasets and memory allow)",
+        help="processes writing datasets side by side (default auto: cores, datasets and memory allow); "
+        "with --cluster local: the local dask cluster's worker processes (default: one per core)",
+    )
+    dask = p.add_argument_group(
+        "dask.distributed",
+        "write every output dataset as a task on a dask cluster; the workers need the inputs and the output "
+        "at the same paths (a shared filesystem) or s3:// URLs; same bytes as a local run",
+    )
+    where = dask.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="a running dask scheduler, e.g. tcp://10.0.0.5:8786",
+    )
+    where.add_argument(
+        "--cluster",
+        choices=["local"],
+        default=None,
+        help="start a dask LocalCluster on this machine (--workers processes, one thread each)",
+    )
+    dask.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="times a failed dataset task is run again (default 2; a killed worker's task is rerun anyway)",
     )
     p.add_argument(
         "--restart",
