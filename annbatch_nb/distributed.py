@@ -96,13 +96,14 @@ def check_client(client: Any, *, workers: Any = "auto", retries: Any = 2) -> Non
 
 
 def worker_plan(plan: Plan) -> Plan:
-    """The plan as the workers get it: the same, without the inputs' cell names and cached predictions.
+    """The plan as the workers get it: the same, without the inputs' cell and gene names.
 
     Cell names are most of a large plan's size (tens of bytes per cell); each task receives the names of its
-    own cells instead.
+    own cells instead. Each input's gene names are not needed either: its map to the output genes
+    (``plan.var_maps``, shared by inputs with the same genes) is. Cached predictions are left out too.
     """
     empty = pd.Index([], dtype=object)
-    inputs = [dataclasses.replace(i, obs_names=empty) for i in plan.inputs]
+    inputs = [dataclasses.replace(i, obs_names=empty, var_names=empty) for i in plan.inputs]
     slim = dataclasses.replace(plan, inputs=inputs, _cache={})
     slim.__dict__["fingerprint"] = plan.fingerprint  # same identity (names never were part of it)
     slim.__dict__["rows_per_dataset"] = plan.rows_per_dataset

@@ -135,11 +135,11 @@ def test_bad_cluster_arguments_fail_before_the_output_is_touched(
     assert not out.exists()
 
 
-def test_worker_plan_carries_no_cell_names(mixed) -> None:
+def test_worker_plan_carries_no_cell_or_input_gene_names(mixed) -> None:
     plan = abn.plan(mixed.inputs, **MIXED_KWARGS)
     slim = worker_plan(plan)
     assert slim.fingerprint == plan.fingerprint and slim.n_obs == plan.n_obs
-    assert all(len(i.obs_names) == 0 for i in slim.inputs)
+    assert all(len(i.obs_names) == 0 and len(i.var_names) == 0 for i in slim.inputs)
     assert all(len(i.obs_names) == i.n_obs for i in plan.inputs)  # the driver's plan is untouched
     assert len(pickle.dumps(slim)) < len(pickle.dumps(plan))
 
