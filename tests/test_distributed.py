@@ -12,6 +12,7 @@ import pickle
 import threading
 from pathlib import Path
 
+import dask
 import pytest
 import zarr
 from conftest import MIXED_KWARGS, check_collection, tree_digest
@@ -80,6 +81,27 @@ def test_killed_worker_is_retried_and_the_output_is_identical(
     assert tree_digest(out) == tree_digest(mixed.output)
     report = abn.validate(out, inputs=mixed.inputs)
     assert report.ok, report
+
+
+def test_a_task_that_keeps_killing_workers_stops_the_run_resumably(
+    mixed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STOP_ENV, "dataset-read:2")  # every attempt of dataset 2 kills its worker
+    out = tmp_path / "dask.zarr"
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),  # the first death is final
+        local_cluster() as cluster,
+        Client(cluster) as c,
+    ):
+        plan = abn.plan(mixed.inputs, **MIXED_KWARGS)
+        with pytest.raises(abn.ClusterError, match="dataset 2 killed dask workers") as info:
+            plan.run(out, progress=False, client=c)
+    assert "\n" not in str(info.value) and "resume" in str(info.value)
+    assert not is_committed(zarr.open_group(str(out), mode="r"))
+    monkeypatch.delenv(STOP_ENV)
+    result = plan.run(out, progress=False)  # a local run resumes it
+    assert result.datasets_written >= 1
+    assert tree_digest(out) == tree_digest(mixed.output)
 
 
 def test_cancel_leaves_a_resumable_output_that_a_cluster_resumes(
