@@ -18,7 +18,14 @@ __version__ = "0.1.0"
 from .append import AppendPlan, AppendResult, append, plan_append
 from .collection import ValidationReport, validate
 from .engine import ShuffleResult, execute, shuffle
-from .errors import AnnbatchNBError, CancelledError, InputError, OutputError, ParameterError
+from .errors import (
+    AnnbatchNBError,
+    CancelledError,
+    ClusterError,
+    InputError,
+    OutputError,
+    ParameterError,
+)
 from .plan import Parameters, Plan, build_plan, plan, scan, sweep
 from .predict import Calibration, calibrate
 from .sources import VirtualizationFallback
@@ -29,6 +36,7 @@ __all__ = [
     "AppendResult",
     "Calibration",
     "CancelledError",
+    "ClusterError",
     "InputError",
     "OutputError",
     "ParameterError",

@@ -317,6 +317,8 @@ class AppendPlan:
         cancel: threading.Event | None = None,
         on_progress: ProgressCallback | None = None,
         workers: int | Literal["auto"] = "auto",
+        client: Any = None,
+        retries: int = 2,
     ) -> AppendResult:
         """Execute this append (resuming an interrupted one).
 
@@ -330,13 +332,25 @@ class AppendPlan:
             Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments.
         workers
             Processes writing datasets side by side (see :func:`annbatch_nb.engine.execute`).
+        client
+            A :class:`dask.distributed.Client`: write the datasets as tasks on its cluster.
+        retries
+            With ``client``: times a failed dataset task is run again.
 
         Returns
         -------
         AppendResult
             What was done.
         """
-        return _run(self, progress=progress, cancel=cancel, on_progress=on_progress, workers=workers)
+        return _run(
+            self,
+            progress=progress,
+            cancel=cancel,
+            on_progress=on_progress,
+            workers=workers,
+            client=client,
+            retries=retries,
+        )
 
 
 @dataclass
@@ -848,6 +862,8 @@ def _run(
     cancel: threading.Event | None,
     on_progress: ProgressCallback | None,
     workers: int | Literal["auto"],
+    client: Any = None,
+    retries: int = 2,
 ) -> AppendResult:
     t0 = time.perf_counter()
     out = Path(plan.output)
@@ -865,8 +881,15 @@ def _run(
             if fp != plan.pool.fingerprint:
                 shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
+        extra: dict[str, Any] = {"client": client, "retries": retries} if client is not None else {}
         staged = execute(
-            plan.pool, staging, progress=progress, cancel=cancel, on_progress=on_progress, workers=workers
+            plan.pool,
+            staging,
+            progress=progress,
+            cancel=cancel,
+            on_progress=on_progress,
+            workers=workers,
+            **extra,
         )
         _rewrite_obs(out, plan, cancel)
         stop_point("append-staged")
@@ -904,6 +927,8 @@ def append(
     workers: int | Literal["auto"] = "auto",
     new_genes: Literal["error", "drop"] = "error",
     virtualize: Virtualize = "auto",
+    client: Any = None,
+    retries: int = 2,
 ) -> AppendResult:
     """Add the cells of ``new_inputs`` to the finished collection ``output``, mixed in.
 
@@ -934,6 +959,10 @@ def append(
         :func:`plan_append`).
     virtualize
         How ``.h5ad`` inputs are read.
+    client
+        A :class:`dask.distributed.Client`: write the datasets as tasks on its cluster.
+    retries
+        With ``client``: times a failed dataset task is run again.
 
     Returns
     -------
@@ -954,6 +983,13 @@ def append(
             str(out), already_complete=True, finished_interrupted=finished, seconds=time.perf_counter() - t0
         )
     p = plan_append(new_inputs, out, rewrite=rewrite, seed=seed, new_genes=new_genes, virtualize=virtualize)
-    result = p.run(progress=progress, cancel=cancel, on_progress=on_progress, workers=workers)
+    result = p.run(
+        progress=progress,
+        cancel=cancel,
+        on_progress=on_progress,
+        workers=workers,
+        client=client,
+        retries=retries,
+    )
     result.finished_interrupted = finished
     return result

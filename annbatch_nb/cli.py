@@ -7,6 +7,7 @@ shows the traceback. A failed validation exits with status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -16,7 +17,7 @@ from typing import Any
 from dask.utils import format_bytes
 
 from . import __version__
-from .errors import AnnbatchNBError, CancelledError
+from .errors import AnnbatchNBError, CancelledError, ParameterError
 
 __all__ = ["main"]
 
@@ -173,19 +174,25 @@ def _cmd_shuffle(args: argparse.Namespace) -> int:
 
     if args.append:
         from .append import already_appended, append, pending_commit, plan_append
-        from .errors import ParameterError
 
         kwargs = _append_kwargs(args)
         if args.restart:
             raise ParameterError("--restart cannot be combined with --append")
-        run = {"progress": not args.no_progress, "workers": args.workers}
-        if pending_commit(args.output) or already_appended(args.inputs, args.output):
-            res = append(args.inputs, args.output, **run, **kwargs)  # finishes a commit / nothing to do
-        else:
-            ap = plan_append(args.inputs, args.output, **kwargs)
-            if not args.quiet:
-                print(f"plan: {ap.describe()}", file=sys.stderr)
-            res = ap.run(**run)
+        run: dict[str, Any] = {"progress": not args.no_progress, "workers": args.workers}
+        with contextlib.ExitStack() as stack:
+            if args.scheduler is not None or args.cluster is not None:
+                from .distributed import cluster_client
+
+                n_workers = None if args.workers == "auto" else args.workers
+                client = stack.enter_context(cluster_client(args.scheduler, n_workers))
+                run = {"progress": not args.no_progress, "client": client, "retries": args.retries}
+            if pending_commit(args.output) or already_appended(args.inputs, args.output):
+                res = append(args.inputs, args.output, **run, **kwargs)  # finishes a commit / nothing to do
+            else:
+                ap = plan_append(args.inputs, args.output, **kwargs)
+                if not args.quiet:
+                    print(f"plan: {ap.describe()}", file=sys.stderr)
+                res = ap.run(**run)
         if res.finished_interrupted:
             print("finished the commit of an interrupted append")
         if res.already_complete:
@@ -195,10 +202,26 @@ def _cmd_shuffle(args: argparse.Namespace) -> int:
             print(f"resumed: {res.datasets_resumed} of {res.n_datasets} datasets already complete")
         print(f"wrote {res}")
         return 0
+
+    if args.scheduler is not None and args.workers != "auto":
+        raise ParameterError(
+            "--workers sizes a local cluster (--cluster local) or the local process pool; a running "
+            "scheduler (--scheduler) brings its own workers"
+        )
     p = plan(args.inputs, **_plan_kwargs(args))
     if not args.quiet:
         print(f"plan: {p.describe()}", file=sys.stderr)
-    result = p.run(args.output, progress=not args.no_progress, restart=args.restart, workers=args.workers)
+    run = {"progress": not args.no_progress, "restart": args.restart}
+    if args.scheduler is None and args.cluster is None:
+        result = p.run(args.output, workers=args.workers, **run)
+    else:
+        from .distributed import cluster_client
+
+        n_workers = None if args.workers == "auto" else args.workers
+        with cluster_client(args.scheduler, n_workers) as client:
+            if args.no_progress and not args.quiet:  # the progress bars print it otherwise
+                print(f"dask: dashboard {client.dashboard_link}", file=sys.stderr)
+            result = p.run(args.output, client=client, retries=args.retries, **run)
     if result.already_complete:
         print(f"{args.output}: already complete, nothing to do")
         return 0
@@ -284,7 +307,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda v: v if v == "auto" else int(v),
         default="auto",
         metavar="N|auto",
-        help="processes writing datasets side by side (default auto: cores, datasets and memory allow)",
+        help="processes writing datasets side by side (default auto: cores, datasets and memory allow); "
+        "with --cluster local: the local dask cluster's worker processes (default: one per core)",
+    )
+    dask = p.add_argument_group(
+        "dask.distributed",
+        "write every output dataset as a task on a dask cluster; the workers need the inputs and the output "
+        "at the same paths (a shared filesystem) or s3:// URLs; same bytes as a local run",
+    )
+    where = dask.add_mutually_exclusive_group()
+    where.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="a running dask scheduler, e.g. tcp://10.0.0.5:8786",
+    )
+    where.add_argument(
+        "--cluster",
+        choices=["local"],
+        default=None,
+        help="start a dask LocalCluster on this machine (--workers processes, one thread each)",
+    )
+    dask.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="times a failed dataset task is run again (default 2; a killed worker's task is rerun anyway)",
     )
     p.add_argument(
         "--restart",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,7 +39,7 @@ from .stores import WRITE_ERRORS, describe_store_error, store_env
 if TYPE_CHECKING:
     from .append import AppendResult
 
-__all__ = ["ShuffleResult", "execute", "shuffle", "write_dataset"]
+__all__ = ["ShuffleResult", "execute", "read_order_rows", "shuffle", "write_dataset"]
 
 try:  # scipy's compiled kernels (row gather, in-place row sort); numpy fallbacks below
     from scipy.sparse._sparsetools import csr_has_sorted_indices as _csr_has_sorted_indices
@@ -53,15 +54,25 @@ ProgressCallback = Callable[[str, int], None]
 #: Environment variable naming points where the process kills itself (SIGKILL), for crash tests:
 #: ``start``, ``dataset-read:K``, ``shard:K``, ``dataset-written:K``, ``before-commit`` (comma separated).
 STOP_ENV = "ANNBATCH_NB_STOP_AT"
+#: With this set to a file path, a stop point kills only once: the first process to create the file dies,
+#: later ones (a retried task on a dask worker) pass.
+STOP_ONCE_ENV = "ANNBATCH_NB_STOP_ONCE"
 
 
 def stop_point(name: str) -> None:
     """Die here like ``kill -9`` if ``$ANNBATCH_NB_STOP_AT`` names this point (crash-safety tests).
 
-    In a worker process the whole run dies: the parent is killed first.
+    In a worker process of the local pool the whole run dies: the parent is killed first. With
+    ``$ANNBATCH_NB_STOP_ONCE`` naming a file, only the process that creates that file dies.
     """
     wanted = os.environ.get(STOP_ENV)
     if wanted and name in wanted.split(","):
+        once = os.environ.get(STOP_ONCE_ENV)
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                return  # someone already died here
         if _WORKER.get("parent"):
             os.kill(_WORKER["parent"], signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -88,7 +99,9 @@ class ShuffleResult:
     dataset_seconds
         Wall time of each dataset written.
     workers
-        Processes that wrote datasets.
+        Processes that wrote datasets (on a cluster: dask workers that ran a dataset task).
+    dashboard_link
+        The dask dashboard of the cluster that wrote the datasets, if any.
     """
 
     output: str
@@ -99,6 +112,7 @@ class ShuffleResult:
     seconds: float = 0.0
     dataset_seconds: list[float] = field(default_factory=list)
     workers: int = 1
+    dashboard_link: str | None = None
 
     @property
     def n_obs(self) -> int:
@@ -124,15 +138,23 @@ class ShuffleResult:
 # Progress
 # --------------------------------------------------------------------------------------------------
 class _Progress:
-    """Two tqdm.auto bars: bytes read and cells written (rate and ETA included)."""
+    """tqdm.auto bars: bytes read and cells written (rate and ETA included), and datasets on a cluster."""
 
-    def __init__(self, plan: Plan, enabled: bool, done_rows: int, done_bytes: int) -> None:
+    def __init__(
+        self, plan: Plan, enabled: bool, done_rows: int, done_bytes: int, tasks: tuple[int, int] | None = None
+    ) -> None:
         self.bars: list[Any] = []
+        self.tasks: Any = None
         if not enabled:
             return
         from tqdm.auto import tqdm
 
         total_bytes = int(sum(i.raw_x_bytes for i in plan.inputs))
+        if tasks is not None:  # a cluster run: one task per dataset
+            self.tasks = tqdm(
+                total=tasks[1], initial=tasks[0], unit=" datasets", desc="tasks  ", dynamic_ncols=True
+            )
+            self.bars.append(self.tasks)
         self.read = tqdm(
             total=total_bytes,
             initial=done_bytes,
@@ -150,11 +172,23 @@ class _Progress:
             desc="written",
             dynamic_ncols=True,
         )
-        self.bars = [self.read, self.write]
+        self.bars += [self.read, self.write]
 
     def __call__(self, what: str, n: int) -> None:
-        if self.bars:
+        if not self.bars:
+            return
+        if what == "datasets":
+            if self.tasks is not None:
+                self.tasks.update(n)
+        else:
             (self.read if what == "bytes" else self.write).update(n)
+
+    def note(self, text: str) -> None:
+        """Print a line above the bars (or to stderr without bars)."""
+        if self.bars:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
         for b in self.bars:
@@ -453,16 +487,28 @@ def _as_target(target: ColumnSpec, source: ColumnSpec | None, val: Any) -> Any:
     return cats_arr[np.where(np.asarray(codes) >= 0, codes, len(cats_arr) - 1)]
 
 
-def _build_obs(plan: Plan, sources: list[Source], runs: np.ndarray) -> pd.DataFrame:
-    """Obs of the runs in read order, in the unified schema, with src_path and unique names."""
+def read_order_rows(plan: Plan, runs: np.ndarray) -> np.ndarray:
+    """Global row numbers (input order) of ``runs`` (sorted by input, then row), in read order."""
+    lengths = runs[:, 2] - runs[:, 1]
+    starts = runs[:, 1] + plan.input_offsets[runs[:, 0]]
+    run_first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return np.repeat(starts - run_first, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
+def _build_obs(
+    plan: Plan, sources: list[Source], runs: np.ndarray, obs_names: pd.Index | None = None
+) -> pd.DataFrame:
+    """Obs of the runs in read order, in the unified schema, with src_path and unique names.
+
+    ``obs_names``: the unique names of these rows in read order, when the caller has them (a cluster task
+    gets its slice instead of every cell's name); by default they come from ``plan.obs_names``.
+    """
     n = int((runs[:, 2] - runs[:, 1]).sum())
     per_input: list[tuple[int, dict[str, Any], int]] = []
-    global_rows = []
     for i in np.unique(runs[:, 0]):
         r = runs[runs[:, 0] == i][:, 1:]
         m = int((r[:, 1] - r[:, 0]).sum())
         per_input.append((int(i), sources[i].read_obs(r), m))
-        global_rows.append(np.concatenate([np.arange(a, b) for a, b in r]) + plan.input_offsets[i])
     columns: dict[str, Any] = {}
     for name, spec in plan.obs_schema.items():
         if name == "src_path":
@@ -474,7 +520,11 @@ def _build_obs(plan: Plan, sources: list[Source], runs: np.ndarray) -> pd.DataFr
             for i, cols, m in per_input
         ]
         columns[name] = _obs_column(spec, pieces, n)
-    names = plan.obs_names[np.concatenate(global_rows)] if global_rows else pd.Index([])
+    if obs_names is None:
+        obs_names = plan.obs_names[read_order_rows(plan, runs)] if n else pd.Index([])
+    elif len(obs_names) != n:
+        raise ValueError(f"{len(obs_names)} obs names given for {n} rows")
+    names = obs_names
     return pd.DataFrame(columns, index=pd.Index(np.asarray(names, dtype=object), dtype=object))
 
 
@@ -579,6 +629,7 @@ def write_dataset(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     pool: BufferPool | None = None,
+    obs_names: pd.Index | None = None,
 ) -> dict[str, Any]:
     """Read, permute and write output dataset ``k``; record it complete.
 
@@ -599,6 +650,10 @@ def write_dataset(
         left incomplete (a resume rewrites it).
     pool
         Scratch buffers to reuse across datasets.
+    obs_names
+        Unique cell names of the dataset's rows in read order (``plan.obs_names[read_order_rows(plan,
+        plan.dataset_runs(k))]``); by default taken from ``plan.obs_names``. A cluster task receives them so
+        that its plan need not carry every cell's name.
 
     Returns
     -------
@@ -609,7 +664,7 @@ def write_dataset(
     runs = plan.dataset_runs(k)
     perm = plan.dataset_permutation(k)
     n_rows = len(perm)
-    obs = _build_obs(plan, sources, runs).iloc[perm]
+    obs = _build_obs(plan, sources, runs, obs_names).iloc[perm]
     pool = pool if pool is not None else BufferPool()
     if plan.x_kind == "csr":
         buf = _read_csr(plan, sources, runs, pool, progress, cancel)
@@ -782,6 +837,7 @@ def _run_in_processes(
                     _, seconds = f.result()  # re-raises a worker's error here
                     result.dataset_seconds.append(seconds)
                     result.datasets_written += 1
+                    report("datasets", 1)
         except BaseException:
             stop.set()
             for f in pending:
@@ -817,6 +873,8 @@ def execute(
     on_progress: ProgressCallback | None = None,
     restart: bool = False,
     workers: int | Literal["auto"] = "auto",
+    client: Any = None,
+    retries: int = 2,
 ) -> ShuffleResult:
     """Write ``plan`` as a collection at ``output`` (resuming an interrupted run of the same plan).
 
@@ -827,18 +885,25 @@ def execute(
     output
         Collection path (``.zarr``).
     progress
-        Show tqdm.auto progress bars (bytes read, cells written).
+        Show tqdm.auto progress bars (bytes read, cells written; datasets too on a cluster).
     cancel
         Set it (from another thread) to stop; the output stays resumable.
     on_progress
-        Extra callback receiving ``("bytes", n)`` and ``("rows", n)`` increments; a resumed run first reports
-        the rows and bytes of the datasets earlier runs completed.
+        Extra callback receiving ``("bytes", n)``, ``("rows", n)`` and ``("datasets", n)`` increments; a
+        resumed run first reports the rows and bytes of the datasets earlier runs completed.
     restart
         Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
     workers
-        Processes writing datasets side by side (each holds one dataset in memory). ``"auto"``: as many as
-        there are cores and datasets left, within the plan's memory budget, and one for runs predicted to take
-        only a few seconds.
+        Local processes writing datasets side by side (each holds one dataset in memory). ``"auto"``: as many
+        as there are cores and datasets left, within the plan's memory budget, and one for runs predicted to
+        take only a few seconds. Leave it at ``"auto"`` with ``client``: the cluster's workers are used.
+    client
+        A :class:`dask.distributed.Client`: every dataset is a task on its cluster (see
+        :mod:`annbatch_nb.distributed`). The workers must see ``output`` and the inputs at the same paths (a
+        shared filesystem) or use ``s3://`` URLs. The bytes are the same as a local run's.
+    retries
+        With ``client``: times a failed dataset task is run again (a killed worker's task is rescheduled by
+        dask in any case).
 
     Returns
     -------
@@ -851,9 +916,16 @@ def execute(
         If the output cannot be used or written (the run stays resumable).
     CancelledError
         If ``cancel`` was set (the run stays resumable).
+    ParameterError
+        For a bad ``workers`` or ``retries`` value, or ``workers`` given together with ``client``.
     """
     t0 = time.perf_counter()
-    resolve_workers(workers, plan, 1)  # a bad value fails before anything is opened
+    if client is not None:
+        from .distributed import check_client
+
+        check_client(client, workers=workers, retries=retries)  # fails before anything is opened
+    else:
+        resolve_workers(workers, plan, 1)  # a bad value fails before anything is opened
     plan = _with_recorded_seed(plan, output)
     sources = _open_for_plan(plan)  # inputs first: a vanished or changed input creates no output
     try:
@@ -870,10 +942,12 @@ def execute(
         return result
     done_rows = int(sum(plan.rows_per_dataset[k] for k in state.complete))
     done_bytes = int(sum(_raw_input_bytes(plan, k) for k in state.complete))
-    bars = _Progress(plan, progress, done_rows, done_bytes)
+    tasks = (len(state.complete), plan.n_datasets) if client is not None else None
+    bars = _Progress(plan, progress, done_rows, done_bytes, tasks)
     if on_progress is not None and done_rows:  # a resumed run: first what earlier runs did
         on_progress("rows", done_rows)
         on_progress("bytes", done_bytes)
+        on_progress("datasets", len(state.complete))
 
     def report(what: str, n: int) -> None:
         bars(what, n)
@@ -882,18 +956,25 @@ def execute(
 
     pool = BufferPool()
     todo = [k for k in range(plan.n_datasets) if k not in state.complete]
-    n_workers = resolve_workers(workers, plan, len(todo))
+    n_workers = 0 if client is not None else resolve_workers(workers, plan, len(todo))
     result.workers = n_workers
     try:
         stop_point("start")
-        if n_workers > 1:
+        if client is not None:
+            from .distributed import run_on_cluster
+
+            _close_all(sources)  # the workers open their own
+            run_on_cluster(client, plan, state, todo, report, cancel, result, retries=retries, note=bars.note)
+        elif n_workers > 1:
             _close_all(sources)  # the workers open their own
             _run_in_processes(plan, state.path, todo, n_workers, report, cancel, result)
-        for k in todo if n_workers <= 1 else []:
-            t = time.perf_counter()
-            write_dataset(plan, k, sources, state.root, progress=report, cancel=cancel, pool=pool)
-            result.dataset_seconds.append(time.perf_counter() - t)
-            result.datasets_written += 1
+        else:
+            for k in todo:
+                t = time.perf_counter()
+                write_dataset(plan, k, sources, state.root, progress=report, cancel=cancel, pool=pool)
+                result.dataset_seconds.append(time.perf_counter() - t)
+                result.datasets_written += 1
+                report("datasets", 1)
         stop_point("before-commit")
         commit(state.root, plan)
     except WRITE_ERRORS as e:  # OSError locally, obstore's errors on an object store
@@ -929,6 +1010,8 @@ def shuffle(
     restart: bool = False,
     virtualize: Virtualize = "auto",
     workers: int | Literal["auto"] = "auto",
+    client: Any = None,
+    retries: int = 2,
     mode: Literal["write", "append"] = "write",
     rewrite: float | Literal["auto"] = "auto",
 ) -> ShuffleResult | AppendResult:
@@ -972,6 +1055,10 @@ def shuffle(
         How ``.h5ad`` inputs are read: ``"auto"``, ``True`` or ``False`` (see :func:`annbatch_nb.plan`).
     workers
         Processes writing datasets side by side (see :func:`execute`).
+    client
+        A :class:`dask.distributed.Client`: write the datasets as tasks on its cluster (see :func:`execute`).
+    retries
+        With ``client``: times a failed dataset task is run again.
     mode
         ``write`` a new collection (or resume one), or ``append`` ``inputs`` to the finished collection
         ``output`` (see :func:`annbatch_nb.append.append`; the collection's own parameters are kept, so only
@@ -1010,6 +1097,8 @@ def shuffle(
             cancel=cancel,
             workers=workers,
             virtualize=virtualize,
+            client=client,
+            retries=retries,
         )
     if mode != "write":
         raise ParameterError(f"mode must be 'write' or 'append', got {mode!r}")
@@ -1025,4 +1114,13 @@ def shuffle(
         assignment=assignment,
         virtualize=virtualize,
     )
-    return execute(p, output, progress=progress, cancel=cancel, restart=restart, workers=workers)
+    return execute(
+        p,
+        output,
+        progress=progress,
+        cancel=cancel,
+        restart=restart,
+        workers=workers,
+        client=client,
+        retries=retries,
+    )

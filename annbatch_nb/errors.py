@@ -61,3 +61,11 @@ class ParameterError(AnnbatchNBError, ValueError):
 
 class CancelledError(AnnbatchNBError):
     """A run was cancelled; the output is left in a resumable state."""
+
+
+class ClusterError(AnnbatchNBError):
+    """A dask cluster cannot run the plan; nothing was committed and the run stays resumable.
+
+    For example: no workers, workers that cannot see the output or the inputs, a dataset task that keeps
+    killing its workers.
+    """

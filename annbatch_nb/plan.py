@@ -295,12 +295,39 @@ def _ordered_union(names: list[pd.Index]) -> pd.Index:
     return pd.Index(np.asarray(first)[np.asarray(out)], dtype=object)
 
 
-def _join_var(infos: list[SourceInfo], var_join: VarJoin) -> pd.Index:
+def _distinct_lists(names: list[pd.Index]) -> tuple[list[pd.Index], list[int]]:
+    """The distinct gene lists among ``names`` (first occurrences, in order) and which one each list is.
+
+    Atlases of thousands of files use a handful of gene lists: joining and mapping each distinct list once
+    keeps planning time, and the size of the plan's column maps, independent of the number of files.
+    """
+    distinct: list[pd.Index] = []
+    values: list[np.ndarray] = []
+    by_key: dict[tuple[Any, ...], list[int]] = {}
+    which: list[int] = []
+    for v in names:
+        arr = np.asarray(v, dtype=object)
+        key = (len(arr), arr[0], arr[len(arr) // 2], arr[-1]) if len(arr) else (0,)
+        candidates = by_key.setdefault(key, [])
+        for d in candidates:
+            if distinct[d] is v or np.array_equal(values[d], arr):
+                which.append(d)
+                break
+        else:
+            candidates.append(len(distinct))
+            which.append(len(distinct))
+            distinct.append(v)
+            values.append(arr)
+    return distinct, which
+
+
+def _join_var(infos: list[SourceInfo], var_join: VarJoin, lists: list[pd.Index]) -> pd.Index:
+    """The output genes of ``infos``, whose distinct gene lists are ``lists``."""
     if var_join == "outer":
-        return _ordered_union([i.var_names for i in infos])
-    common = infos[0].var_names
-    for info in infos[1:]:
-        common = common[common.isin(info.var_names)]
+        return _ordered_union(lists)  # repeating a list adds no gene and no order constraint
+    common = lists[0]
+    for names in lists[1:]:
+        common = common[common.isin(names)]
     if len(common) == 0:
         raise InputError(
             infos[0].display, "shares no gene with every other input; var_join='inner' would be empty"
@@ -733,8 +760,10 @@ def _joined(
     key = (var_join, *(id(i) for i in infos))
     hit = _JOIN_CACHE.get(key)
     if hit is None or any(a is not b for a, b in zip(hit[0], infos, strict=True)):
-        var_names = _join_var(infos, var_join)
-        var_maps = [var_names.get_indexer(i.var_names).astype(np.int64) for i in infos]
+        lists, which = _distinct_lists([i.var_names for i in infos])
+        var_names = _join_var(infos, var_join, lists)
+        maps = [var_names.get_indexer(v).astype(np.int64) for v in lists]
+        var_maps = [maps[w] for w in which]  # inputs with the same genes share one map
         hit = (tuple(infos), var_names, var_maps, _join_obs(infos))
         _JOIN_CACHE[key] = hit
         while len(_JOIN_CACHE) > 8:

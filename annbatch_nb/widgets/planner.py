@@ -136,7 +136,9 @@ class Planner(widgets.VBox):
     3. **Run**: :meth:`annbatch_nb.Plan.run` in a background thread (the kernel stays responsive), progress
        bars for cells written and bytes read, the measured memory and throughput drawn over the predicted
        ones (:attr:`run_plot`), *Cancel* (the output stays resumable: *Run* again resumes), and
-       :func:`annbatch_nb.validate` at the end. Errors are shown in the status line, never lost.
+       :func:`annbatch_nb.validate` at the end. Errors are shown in the status line, never lost. With a dask
+       ``client``, the datasets are tasks on its cluster: a third bar counts them and the status links the
+       dask dashboard (the memory drawn is this kernel's, not the workers').
 
     Parameters
     ----------
@@ -158,6 +160,9 @@ class Planner(widgets.VBox):
         thread that made the change).
     monitor_interval
         Seconds between memory samples (and live plot updates) during a run.
+    client
+        A :class:`dask.distributed.Client`: *Run* writes the datasets as tasks on its cluster (see
+        :func:`annbatch_nb.execute`); None runs them in this machine's processes.
     **params
         Initial parameters of :func:`annbatch_nb.plan`: ``shuffle_chunk_size``, ``dataset_size`` (rows, a
         size such as ``"2GB"``, or ``"auto"``), ``n_obs_per_chunk``, ``shard_size``, ``seed`` (None draws
@@ -185,6 +190,7 @@ class Planner(widgets.VBox):
         calibration: Calibration | None = None,
         debounce: float = 0.05,
         monitor_interval: float = 1.0,
+        client: Any = None,
         **params: Any,
     ) -> None:
         if params.get("seed") is None:
@@ -196,6 +202,8 @@ class Planner(widgets.VBox):
         self.memory_limit = memory_limit
         self.calibration = calibration
         self.monitor_interval = float(monitor_interval)
+        #: The dask client runs use (None: local processes).
+        self.client = client
 
         #: The plan of the current inputs and parameters (None when there is none; see :attr:`plan_error`).
         self.plan: Plan | None = None
@@ -232,6 +240,7 @@ class Planner(widgets.VBox):
         self._cancel_event: threading.Event | None = None
         self._rows_bar: Any = None
         self._bytes_bar: Any = None
+        self._tasks_bar: Any = None
         self._rows_done = 0
         self._bytes_done = 0
         self._t0 = time.perf_counter()
@@ -519,7 +528,7 @@ class Planner(widgets.VBox):
             self.run_button.disabled = True
             self.cancel_button.disabled = False
             self.run_image.layout.display = None
-            self._set_status(f"running → {html.escape(output)} …", "running", escape=False)
+            self._set_status(self._running_text(output), "running", escape=False)
             stop = threading.Event()
             monitor = threading.Thread(
                 target=self._monitor, args=(plan, stop), name="annbatch-nb-planner-monitor", daemon=True
@@ -919,10 +928,33 @@ class Planner(widgets.VBox):
             unit_divisor=1024,
             **common,
         )
-        self.progress.children = [self._rows_bar.container, self._bytes_bar.container]
+        self._tasks_bar = None
+        bars = [self._rows_bar, self._bytes_bar]
+        if self.client is not None:
+            self._tasks_bar = notebook_tqdm(
+                total=plan.n_datasets, desc="dataset tasks", unit=" datasets", **common
+            )
+            bars.insert(0, self._tasks_bar)
+        self.progress.children = [b.container for b in bars]
+
+    def _running_text(self, output: str) -> str:
+        """Status HTML while running (with the dask dashboard link on a cluster)."""
+        text = f"running → {html.escape(output)} …"
+        if self.client is None:
+            return text
+        n = len(self.client.scheduler_info(n_workers=-1)["workers"])
+        text += f" on a dask cluster of {n} worker(s)"
+        link = getattr(self.client, "dashboard_link", None)
+        if link:
+            text += f' — <a href="{html.escape(link)}" target="_blank">dask dashboard</a>'
+        return text
 
     def _on_progress(self, what: str, n: int) -> None:
-        """Progress callback of the engine: ``("rows", n)`` cells written, ``("bytes", n)`` bytes read."""
+        """Progress callback of the engine: ``("rows"|"bytes"|"datasets", n)`` increments."""
+        if what == "datasets":
+            if self._tasks_bar is not None:
+                self._tasks_bar.update(max(0, min(n, self._tasks_bar.total - self._tasks_bar.n)))
+            return
         if what == "rows":
             self._rows_done += n
             bar = self._rows_bar
@@ -933,7 +965,7 @@ class Planner(widgets.VBox):
             bar.update(max(0, min(n, bar.total - bar.n)))
 
     def _close_bars(self, *, complete: bool, style: str | None = None) -> None:
-        for bar in (self._rows_bar, self._bytes_bar):
+        for bar in (self._tasks_bar, self._rows_bar, self._bytes_bar):
             if bar is None:
                 continue
             if complete:
@@ -954,7 +986,9 @@ class Planner(widgets.VBox):
         on_progress = self._on_progress
         try:
             try:
-                result = plan.run(output, progress=False, cancel=cancel, on_progress=on_progress)
+                result = plan.run(
+                    output, progress=False, cancel=cancel, on_progress=on_progress, client=self.client
+                )
             except CancelledError:
                 self._close_bars(complete=False, style="warning")
                 self._set_status(
