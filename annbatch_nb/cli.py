@@ -234,8 +234,15 @@ def _cmd_shuffle(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .collection import validate
 
+    if args.recorded and args.inputs:
+        from .errors import ParameterError
+
+        raise ParameterError("give --inputs or --recorded-inputs, not both")
     report = validate(
-        args.output, inputs=args.inputs, sample=args.sample, virtualize=_VIRTUALIZE[args.virtualize]
+        args.output,
+        inputs="recorded" if args.recorded else args.inputs,
+        sample=args.sample,
+        virtualize=_VIRTUALIZE[args.virtualize],
     )
     print(report)
     return 0 if report.ok else EXIT_INVALID
@@ -352,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a collection (and, with --inputs, its content)")
     p.add_argument("output", help="collection path")
     p.add_argument("--inputs", nargs="+", default=None, metavar="INPUT", help="compare every cell with these")
+    p.add_argument(
+        "--recorded-inputs",
+        dest="recorded",
+        action="store_true",
+        help="compare every cell with the inputs the collection's manifest lists (after appends too)",
+    )
     p.add_argument("--sample", type=int, default=None, metavar="N", help="compare N cells per dataset")
     _add_virtualize_arg(p)
     p.set_defaults(func=_cmd_validate)

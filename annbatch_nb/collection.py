@@ -809,7 +809,8 @@ def validate(
         The collection: a local path or an ``s3://bucket/prefix`` URL.
     inputs
         If given, also check that every input cell appears exactly once and that X rows and obs values equal
-        the inputs' (mapped to the collection's genes).
+        the inputs' (mapped to the collection's genes). ``"recorded"``: the inputs the manifest lists (every
+        input a shuffle and its appends took, in order).
     sample
         Compare at most this many cells per dataset with the inputs (default: all).
     seed

@@ -22,7 +22,7 @@ import zarr
 from .collection import DATASET_RE, META_KEY, ValidationReport, is_committed
 from .errors import AnnbatchNBError
 from .plan import make_unique
-from .sources import Source, open_sources, resolve_inputs
+from .sources import InputSpec, Source, open_sources, resolve_inputs
 from .stores import is_url
 
 __all__ = ["check_collection"]
@@ -223,7 +223,8 @@ def _check_against_inputs(
     groups: list[zarr.Group], inputs: Any, report: _Report, sample: int | None, seed: int, virtualize: Any
 ) -> None:
     try:
-        sources = open_sources(resolve_inputs(inputs), virtualize=virtualize)
+        specs = inputs if isinstance(inputs, list) and all(isinstance(i, InputSpec) for i in inputs) else None
+        sources = open_sources(specs or resolve_inputs(inputs), virtualize=virtualize)
     except AnnbatchNBError as e:
         report.fail(f"cannot open the inputs: {e}")
         return
@@ -352,6 +353,13 @@ def check_collection(
             report.fail(f"is not a zarr group ({type(e).__name__})")
             return report
     groups = _check_structure(root, report)
+    if isinstance(inputs, str) and inputs == "recorded":
+        try:
+            records = dict(root[META_KEY].attrs)["inputs"]
+        except Exception:
+            report.fail("has no annbatch-nb manifest listing its inputs; pass the inputs instead")
+            return report
+        inputs = [InputSpec(r["abspath"], r["path"]) for r in records]
     if inputs is not None and groups and report.ok:
         _check_against_inputs(groups, inputs, report, sample, seed, virtualize)
     return report

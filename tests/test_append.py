@@ -158,6 +158,10 @@ def test_append_twice_and_again_is_a_no_op(files, coll: Path) -> None:
     assert again.already_complete and again.plan is None
     manifest = dict(zarr.open_group(str(coll), mode="r")["annbatch_nb"].attrs)
     assert len(manifest["appends"]) == 2
+    recorded = abn.validate(coll, inputs="recorded")  # the manifest lists old + new, in order
+    assert recorded.ok and recorded.checked_cells == 1600
+    proc = _cli("validate", str(coll), "--recorded-inputs", "--sample", "50")
+    assert proc.returncode == 0 and "valid" in proc.stdout, proc.stderr
     # shuffle(mode="append") is the same call
     with pytest.raises(ParameterError, match="shuffle_chunk_size cannot be set when appending"):
         abn.shuffle(new, coll, mode="append", shuffle_chunk_size=7, progress=False)
