@@ -46,7 +46,7 @@ import pandas as pd
 from .collection import LOCK_NAME, META_KEY, S3Lock, dataset_key, open_root
 from .engine import BufferPool, read_order_rows, write_dataset
 from .errors import CancelledError, ClusterError, ParameterError
-from .sources import InputSpec, Source, open_source
+from .sources import InputSpec, Source, open_source, remember_manifests
 from .stores import describe_store_error, is_url
 
 if TYPE_CHECKING:
@@ -414,6 +414,7 @@ def _probe(output: str, holder: dict[str, Any] | None, inputs: list[str]) -> str
 
 
 def _open_sources(plan: Plan) -> list[Source]:
+    remember_manifests(plan.manifests)  # parsed by the driver: nothing to parse again here
     sources: list[Source] = []
     try:
         for info in plan.inputs:

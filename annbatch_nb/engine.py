@@ -33,7 +33,16 @@ from .collection import (
 from .errors import CancelledError, InputError, OutputError, ParameterError
 from .plan import DEFAULT_DATASET_SIZE, Assignment, Plan, VarJoin, build_plan, plan
 from .shards import ShardedArray
-from .sources import ColumnSpec, InputSpec, Source, Virtualize, input_exists, open_source
+from .sources import (
+    ColumnSpec,
+    InputSpec,
+    Source,
+    Virtualize,
+    input_exists,
+    manifests_of,
+    open_source,
+    remember_manifests,
+)
 from .stores import WRITE_ERRORS, describe_store_error, store_env
 
 if TYPE_CHECKING:
@@ -776,6 +785,7 @@ def _worker_init(
 def _worker_write(k: int) -> tuple[int, float]:
     w = _WORKER
     if w["sources"] is None:
+        remember_manifests(w["plan"].manifests)
         w["sources"] = [open_source(InputSpec(i.path, i.display), info=i) for i in w["plan"].inputs]
     messages = w["messages"]
     t = time.perf_counter()
@@ -928,6 +938,7 @@ def execute(
         resolve_workers(workers, plan, 1)  # a bad value fails before anything is opened
     plan = _with_recorded_seed(plan, output)
     sources = _open_for_plan(plan)  # inputs first: a vanished or changed input creates no output
+    plan.manifests.update(manifests_of(plan.inputs))  # workers receive the parsed manifests with the plan
     try:
         state = open_output(output, plan, restart=restart)
     except BaseException:

@@ -456,6 +456,9 @@ class Plan:
     dataset_rows: int
     calibration: Calibration = field(default_factory=lambda: DEFAULT_CALIBRATION, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: Parsed manifests of virtualized inputs, filled when the plan is executed, so that worker processes
+    #: (local or on a cluster) open those inputs without parsing them again.
+    manifests: dict[tuple[str, int, float], Any] = field(default_factory=dict, repr=False)
 
     # -- sizes ----------------------------------------------------------------------------------------
     @cached_property

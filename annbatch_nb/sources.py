@@ -949,6 +949,18 @@ _MANIFESTS: dict[tuple[str, int, float], Any] = {}
 _MANIFEST_CACHE_SIZE = 4096
 
 
+def manifests_of(infos: Sequence[SourceInfo]) -> dict[tuple[str, int, float], Any]:
+    """The manifests this process built for ``infos`` (virtualized ``.h5ad`` inputs), to ship to workers."""
+    keys = [(i.path, i.size_bytes, i.mtime) for i in infos]
+    return {k: _MANIFESTS[k] for k in keys if k in _MANIFESTS}
+
+
+def remember_manifests(manifests: dict[tuple[str, int, float], Any]) -> None:
+    """Make manifests built elsewhere (:func:`manifests_of`) known here; those inputs open unparsed."""
+    for key, store in manifests.items():
+        _MANIFESTS.setdefault(key, store)
+
+
 class _Clearing:
     """Context manager that drops a store's prefetched chunks on exit."""
 

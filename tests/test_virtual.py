@@ -188,3 +188,22 @@ def test_cli_virtualize_flag_and_note(h5ads: dict[str, str], tmp_path: Path, cap
     assert main(["validate", str(out), "--inputs", h5ads["sparse.h5ad"], h5ads["sparse_lzf.h5ad"]]) == 0
     with pytest.raises(SystemExit):
         main(["shuffle", *args, "--virtualize", "maybe"])
+
+
+def test_workers_get_the_parsed_manifests_with_the_plan(
+    h5ads: dict[str, str], tmp_path: Path, monkeypatch
+) -> None:
+    import annbatch_nb.sources as sources_mod
+
+    paths = [h5ads["sparse.h5ad"], h5ads["sparse_gzip.h5ad"]]
+    result = abn.shuffle(paths, tmp_path / "v.zarr", seed=5, progress=False, virtualize=True, workers=1)
+    plan = pickle.loads(pickle.dumps(result.plan))  # what a worker process receives
+    assert len(plan.manifests) == 2
+    # a fresh worker: no manifest cache, and parsing would fail
+    monkeypatch.setattr(sources_mod, "_MANIFESTS", {})
+    monkeypatch.setattr(sources_mod, "build_manifest_store", lambda spec: pytest.fail("parsed again"))
+    sources_mod.remember_manifests(plan.manifests)
+    for info in plan.inputs:
+        src = sources_mod.open_source(sources_mod.InputSpec(info.path, info.display), info=info)
+        assert type(src).__name__ == "VirtualH5adSource"
+        _same_reads(src, open_source(info.path, virtualize=False))
