@@ -253,6 +253,11 @@ def _mismatch(manifest: dict[str, Any], plan: Plan) -> str:
             f"holds a run with other parameters ({', '.join(diffs)}); choose a new output path, "
             "or re-run with restart (--restart)"
         )
+    if manifest.get("appends"):
+        return (
+            "holds a collection that cells were appended to; add more with mode='append' (--append), or "
+            "rewrite it with restart (--restart)"
+        )
     return "holds a run of a different plan (annbatch-nb version?); re-run with restart (--restart)"
 
 

@@ -156,6 +156,8 @@ def test_append_twice_and_again_is_a_no_op(files, coll: Path) -> None:
     assert abn.validate(coll, inputs=old + new).ok
     again = abn.append(new[1:], coll, progress=False)
     assert again.already_complete and again.plan is None
+    with pytest.raises(OutputError, match="cells were appended to; add more with mode='append'"):
+        abn.shuffle(old + new, coll, progress=False, **PARAMS)
     manifest = dict(zarr.open_group(str(coll), mode="r")["annbatch_nb"].attrs)
     assert len(manifest["appends"]) == 2
     recorded = abn.validate(coll, inputs="recorded")  # the manifest lists old + new, in order
