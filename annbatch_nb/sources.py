@@ -870,6 +870,37 @@ class ZarrSource(Source):
             values = values.astype(object)
         return values
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_chunk_readers", None)
+        return state
+
+    def _chunk_reader(self, arr: Any) -> _ZarrChunks | None:
+        """A direct reader of ``arr``'s chunks when it is a 1-D array of a local store (cached), else None."""
+        readers: dict[str, _ZarrChunks | None] = self.__dict__.setdefault("_chunk_readers", {})
+        key = str(arr.path)
+        if key not in readers:
+            readers[key] = _ZarrChunks.of(arr) if type(self) is ZarrSource else None
+        return readers[key]
+
+    def read_csr_into(self, runs: np.ndarray, data_out: np.ndarray, indices_out: np.ndarray) -> int:
+        """Read the CSR entries of sorted row runs into buffers (see :meth:`Source.read_csr_into`).
+
+        On a local store, the chunks holding the runs are read and decoded here, each once, on a few threads
+        (zstd, Blosc and gzip release the GIL), and copied straight into the buffers; otherwise zarr-python
+        reads them.
+        """
+        x = self.root["X"]
+        data, indices = self._chunk_reader(x["data"]), self._chunk_reader(x["indices"])
+        if data is None or indices is None:
+            return super().read_csr_into(runs, data_out, indices_out)
+        ip = self.indptr
+        ranges = np.asarray([(int(ip[lo]), int(ip[hi])) for lo, hi in coalesce_runs(runs)], dtype=np.int64)
+        ranges = ranges.reshape(-1, 2)
+        data.read_into(ranges, data_out)
+        indices.read_into(ranges, indices_out)
+        return int((ranges[:, 1] - ranges[:, 0]).sum())
+
     def _gather(self, arr: Any, ranges: np.ndarray) -> np.ndarray:
         # every read decodes whole chunks: ranges within a chunk of each other are read as one span (an obs
         # column chunked as one piece is then read once, not once per run)
@@ -901,6 +932,198 @@ class ZarrSource(Source):
                 size += st.st_size
                 mtime = max(mtime, st.st_mtime)
         return size, mtime
+
+
+class _ZarrChunks:
+    """Read element ranges of a 1-D zarr array of a local store by decoding its chunks directly.
+
+    zarr-python decodes a selection's chunks well, but every call has a fixed cost and a run's edge chunks are
+    decoded again by the next call. Here the chunks under all the ranges of one read are each read (one
+    ``pread``) and decoded once, on a small thread pool, and copied into place. Supported: zarr v3 arrays,
+    sharded (``sharding_indexed``, inner ``bytes`` + one compressor, index ``bytes`` + ``crc32c``) or not,
+    and zarr v2 arrays with one compressor and no filters; compressors zstd, Blosc, gzip or none.
+    """
+
+    _pool: ClassVar[Any] = None
+
+    def __init__(
+        self, root: Path, meta: Any, codec: Any, chunk: int, per_shard: int | None, index_end: bool
+    ) -> None:
+        self.root = root
+        self.meta = meta
+        self.codec = codec
+        self.chunk = chunk
+        self.per_shard = per_shard or 1  # inner chunks per stored object
+        self.sharded = per_shard is not None
+        self.index_end = index_end
+        self.dtype = (
+            np.dtype(meta.dtype.to_native_dtype()) if hasattr(meta.dtype, "to_native_dtype") else None
+        )
+        self.fill = meta.fill_value if meta.fill_value is not None else 0
+        self.size = int(meta.shape[0])
+        self._indexes: dict[int, np.ndarray | None] = {}
+
+    @classmethod
+    def of(cls, arr: Any) -> _ZarrChunks | None:
+        """The reader for ``arr``, or None where zarr-python must read it."""
+        try:
+            from zarr.codecs import BloscCodec as ZBlosc
+            from zarr.codecs import BytesCodec, Crc32cCodec, GzipCodec, ShardingCodec, ZstdCodec
+            from zarr.storage import LocalStore
+        except ImportError:  # pragma: no cover - zarr moved them
+            return None
+        store = arr.store_path.store
+        if not isinstance(store, LocalStore) or arr.ndim != 1 or arr.shape[0] == 0:
+            return None
+        meta = arr.metadata
+        root = Path(store.root)
+        dtype = np.dtype(arr.dtype) if not isinstance(arr.dtype, str) else None
+        if dtype is None or dtype.kind not in "biuf" or not dtype.isnative:
+            return None
+
+        def numcodec(c: Any) -> Any:
+            import numcodecs
+
+            if isinstance(c, ZstdCodec):
+                return numcodecs.Zstd(level=c.level)
+            if isinstance(c, ZBlosc):
+                return numcodecs.Blosc()
+            if isinstance(c, GzipCodec):
+                return numcodecs.GZip()
+            return False
+
+        def plain(codecs: Any) -> Any:
+            """The compressor of ``[bytes(little) (+ one compressor)]`` (None: uncompressed), else False."""
+            if not codecs or not isinstance(codecs[0], BytesCodec):
+                return False
+            endian = str(getattr(codecs[0].endian, "value", codecs[0].endian))
+            if endian not in ("little", "None") or len(codecs) > 2:
+                return False
+            return None if len(codecs) == 1 else numcodec(codecs[1])
+
+        if int(arr.metadata.zarr_format) == 2:
+            if meta.filters or meta.order != "C":
+                return None
+            comp = meta.compressor
+            if comp is not None and comp.codec_id not in ("zstd", "blosc", "gzip", "zlib"):
+                return None
+            reader = cls(root / arr.store_path.path, meta, comp, int(meta.chunks[0]), None, True)
+            reader.dtype = dtype
+            return reader
+        codecs = meta.codecs
+        chunk = int(meta.chunk_grid.chunk_shape[0])
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sc = codecs[0]
+            comp = plain(sc.codecs)
+            idx = sc.index_codecs
+            if (
+                comp is False
+                or len(idx) != 2
+                or not isinstance(idx[0], BytesCodec)
+                or not isinstance(idx[1], Crc32cCodec)
+            ):
+                return None
+            inner = int(sc.chunk_shape[0])
+            if chunk % inner:
+                return None
+            loc = str(getattr(sc.index_location, "value", sc.index_location))
+            reader = cls(root / arr.store_path.path, meta, comp, inner, chunk // inner, loc == "end")
+        else:
+            comp = plain(codecs)
+            if comp is False:
+                return None
+            reader = cls(root / arr.store_path.path, meta, comp, chunk, None, True)
+        reader.dtype = dtype
+        return reader
+
+    def _file(self, shard: int) -> Path:
+        return self.root / self.meta.encode_chunk_key((shard,))
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """``(per_shard, 2)`` offsets and lengths of a shard's inner chunks; None if the shard is absent."""
+        if shard not in self._indexes:
+            path = self._file(shard)
+            n = self.per_shard * 16 + 4
+            try:
+                with open(path, "rb") as f:
+                    if self.index_end:
+                        f.seek(-n, os.SEEK_END)
+                    raw = f.read(n)
+            except FileNotFoundError:
+                self._indexes[shard] = None
+                return None
+            import google_crc32c
+
+            if len(raw) != n or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise OSError(f"shard index of {path} fails its checksum")
+            self._indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+        return self._indexes[shard]
+
+    def _chunk(self, k: int) -> np.ndarray | None:
+        """Decoded inner chunk ``k`` (None: never written, reads as the fill value)."""
+        if not self.sharded:
+            try:
+                raw = self._file(k).read_bytes()
+            except FileNotFoundError:
+                return None
+        else:
+            index = self._index(k // self.per_shard)
+            if index is None:
+                return None
+            off, n = (int(v) for v in index[k % self.per_shard])
+            if off == 2**64 - 1:
+                return None
+            with open(self._file(k // self.per_shard), "rb") as f:
+                raw = os.pread(f.fileno(), n, off)
+            if len(raw) != n:
+                raise OSError(f"{self._file(k // self.per_shard)} is truncated")
+        dec = raw if self.codec is None else self.codec.decode(raw)
+        return np.frombuffer(dec, dtype=self.dtype)
+
+    def read_into(self, ranges: np.ndarray, out: np.ndarray) -> None:
+        """Copy elements ``[a, b)`` of every range, one after another, into ``out``.
+
+        Parameters
+        ----------
+        ranges
+            ``(m, 2)`` sorted, disjoint element ranges.
+        out
+            Destination of at least the ranges' total length (values are cast to its dtype).
+        """
+        c = self.chunk
+        work: dict[int, list[tuple[int, int, int]]] = {}  # chunk -> (chunk start, chunk end, out position)
+        pos = 0
+        for a, b in ranges.tolist():
+            for k in range(a // c, (b - 1) // c + 1) if b > a else ():
+                lo, hi = max(a, k * c), min(b, (k + 1) * c)
+                work.setdefault(k, []).append((lo - k * c, hi - k * c, pos + lo - a))
+            pos += b - a
+
+        def one(k: int) -> None:
+            values = self._chunk(k)
+            for lo, hi, p in work[k]:
+                if values is None:
+                    out[p : p + hi - lo] = self.fill
+                else:
+                    out[p : p + hi - lo] = values[lo:hi]
+
+        if len(work) <= 1:
+            for k in work:
+                one(k)
+            return
+        for _ in _ZarrChunks.pool().map(one, sorted(work)):
+            pass
+
+    @classmethod
+    def pool(cls) -> Any:
+        """Threads decoding chunks (one per CPU, at most 4), shared by every reader of the process."""
+        if cls._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            cls._pool = ThreadPoolExecutor(
+                max(1, min(os.cpu_count() or 1, 4)), thread_name_prefix="zarr-read"
+            )
+        return cls._pool
 
 
 # --------------------------------------------------------------------------------------------------
