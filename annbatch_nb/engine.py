@@ -823,7 +823,10 @@ def resolve_workers(workers: int | str, plan: Plan, n_todo: int) -> int:
         )
         per_worker = mem.baseline_bytes + mem.run_bytes + mem.dataset_bytes
         by_memory = max(1, int(budget // max(per_worker, 1)))
-        return max(1, min(os.cpu_count() or 1, n_todo, by_memory))
+        # each process already keeps encode_threads() CPUs busy within its dataset (reads, gather, Blosc):
+        # more processes only pay on machines with CPUs to spare, and each holds one more dataset
+        by_cpus = max(1, (os.cpu_count() or 1) // encode_threads())
+        return max(1, min(by_cpus, n_todo, by_memory))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ParameterError(f"workers must be a positive whole number or 'auto', got {workers!r}")
     return min(workers, max(n_todo, 1))
@@ -901,11 +904,14 @@ def _run_in_processes(
         except queue_mod.Empty:
             pass
 
+    env = dict(store_env() or {})
+    share = max(1, (os.cpu_count() or 1) // n_workers)
+    env.setdefault(THREADS_ENV, os.environ.get(THREADS_ENV) or str(share))  # threads per worker
     with ProcessPoolExecutor(
         n_workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(plan, output, messages, stop, os.getpid(), store_env()),
+        initargs=(plan, output, messages, stop, os.getpid(), env),
     ) as pool:
         pending = {pool.submit(_worker_write, k) for k in todo}
         try:
@@ -955,9 +961,10 @@ def execute(
     restart
         Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
     workers
-        Processes writing datasets side by side (each holds one dataset in memory). ``"auto"``: as many as
-        there are cores and datasets left, within the plan's memory budget, and one for runs predicted to take
-        only a few seconds.
+        Processes writing datasets side by side (each holds one dataset in memory, and uses its share of the
+        CPUs with threads). ``"auto"``: one process per :func:`encode_threads` CPUs (one on a machine with
+        up to 4 CPUs: its threads already keep them busy), at most the datasets left, within the plan's memory
+        budget, and one for runs predicted to take only a few seconds.
 
     Returns
     -------
