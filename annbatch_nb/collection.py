@@ -620,17 +620,30 @@ class DatasetWriter:
     n_rows
         Rows of this dataset.
     nnz
-        Stored entries (CSR only).
+        Stored entries (CSR only); ``None`` creates only the group, and :meth:`create_x` the arrays later.
     """
 
-    def __init__(self, root: zarr.Group, k: int, plan: Plan, n_rows: int, nnz: int = 0) -> None:
+    def __init__(self, root: zarr.Group, k: int, plan: Plan, n_rows: int, nnz: int | None = 0) -> None:
         self.k = k
         self.plan = plan
         self.n_rows = n_rows
-        self.nnz = nnz
+        self.nnz = 0
         self.group = root.create_group(
             dataset_key(k), attributes={"encoding-type": "anndata", "encoding-version": "0.1.0"}
         )
+        if nnz is not None or plan.x_kind != "csr":
+            self.create_x(nnz or 0)
+
+    def create_x(self, nnz: int) -> None:
+        """Create X's arrays (a CSR X needs its stored entries, known once the dataset has been read).
+
+        Parameters
+        ----------
+        nnz
+            Stored entries (CSR only).
+        """
+        plan, n_rows = self.plan, self.n_rows
+        self.nnz = nnz
         shard_bytes = int(plan.params.shard_size)  # validated to bytes
         if plan.x_kind == "csr":
             itemsize = max(plan.dtype.itemsize, plan.index_dtype.itemsize)

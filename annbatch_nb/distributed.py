@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from .collection import LOCK_NAME, META_KEY, S3Lock, dataset_key, open_root
-from .engine import BufferPool, read_order_rows, write_dataset
+from .engine import THREADS_ENV, BufferPool, read_order_rows, write_dataset
 from .errors import CancelledError, ClusterError, ParameterError
 from .sources import InputSpec, Source, open_source, remember_manifests
 from .stores import describe_store_error, is_url
@@ -253,7 +253,12 @@ def run_on_cluster(
             tracker.update(int(msg["k"]), int(msg["rows"]), int(msg["bytes"]))
 
     def fill() -> None:
-        limit = 2 * max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        limit = 2 * max(1, len(workers))
+        slots: dict[str, int] = {}  # tasks that can run at once on each host: they share its CPUs
+        for w in workers.values():
+            host = str(w.get("host", ""))
+            slots[host] = slots.get(host, 0) + int(w.get("nthreads", 1))
         while waiting and len(pending) < limit:
             k = waiting.popleft()
             names = plan.obs_names[read_order_rows(plan, plan.dataset_runs(k))]
@@ -265,6 +270,7 @@ def run_on_cluster(
                 output,
                 topic,
                 stop.name,
+                slots,
                 key=f"annbatch-nb-{run_id}-dataset-{k}",
                 retries=retries,
                 pure=False,
@@ -539,13 +545,32 @@ class _ClusterFlag:
         return self.value
 
 
+def _share_cpus(slots: dict[str, int], host: str) -> None:
+    """Give this worker's tasks their share of the host's CPUs as encoding threads (unless the user chose)."""
+    if _USER_THREADS is None:
+        share = max(1, (os.cpu_count() or 1) // max(1, slots.get(host, 1)))
+        os.environ[THREADS_ENV] = str(share)
+
+
+#: ``$ANNBATCH_NB_THREADS`` as the worker process started with (a user's setting wins over the share).
+_USER_THREADS = os.environ.get(THREADS_ENV)
+
+
 def _write_task(
-    plan: Plan, k: int, obs_names: pd.Index, output: str, topic: str, cancel_name: str
+    plan: Plan,
+    k: int,
+    obs_names: pd.Index,
+    output: str,
+    topic: str,
+    cancel_name: str,
+    slots: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """One dataset, on a worker: idempotent, so dask may run it again after a failure."""
     from distributed import get_worker
 
     t = time.perf_counter()
+    if slots:
+        _share_cpus(slots, get_worker().ip)
     flag = _ClusterFlag(cancel_name)
     if flag.is_set():
         raise CancelledError("cancelled; re-run the same command to resume")

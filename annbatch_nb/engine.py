@@ -7,13 +7,17 @@ the output dtype + int32 column indices + row pointers; dense: the rows) plus on
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -274,8 +278,12 @@ def _read_csr(
     pool: BufferPool,
     progress: ProgressCallback,
     cancel: threading.Event | None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> CSRBuffer:
-    """Read the runs (sorted by input) into the pool's CSR buffers, in the output gene space, read order."""
+    """Read the runs (sorted by input) into the pool's CSR buffers, in the output gene space, read order.
+
+    With an ``executor``, an input's gene indices are remapped there while the next input is read.
+    """
     by_source = [(int(i), runs[runs[:, 0] == i][:, 1:]) for i in np.unique(runs[:, 0])]
     counts: list[np.ndarray] = []
     dense_parts: dict[int, sp.csr_matrix] = {}
@@ -299,6 +307,7 @@ def _read_csr(
     indices = pool.get("indices", capacity, idx_dtype)
     pos = 0
     needs_sort = False
+    remaps: list[Future[None]] = []
     for j, (i, r) in enumerate(by_source):
         _check_cancel(cancel)
         src = sources[i]
@@ -319,7 +328,11 @@ def _read_csr(
         vmap = plan.var_maps[i]
         if not _is_identity(vmap):
             if bool((vmap >= 0).all()):
-                _remap_in_place(indices[pos : pos + n], vmap.astype(indices.dtype))
+                seg, vm = indices[pos : pos + n], vmap.astype(indices.dtype)
+                if executor is None:
+                    _remap_in_place(seg, vm)
+                else:
+                    remaps.append(executor.submit(_remap_in_place, seg, vm))
             else:  # inner join: drop entries of genes not in the output
                 seg = indices[pos : pos + n]
                 mapped = vmap[seg]
@@ -334,6 +347,8 @@ def _read_csr(
             kept = vmap[vmap >= 0]
             needs_sort |= bool(np.any(np.diff(kept) < 0))
         pos += n
+    for f in remaps:
+        f.result()
     row_nnz = np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
     indptr = pool.get("indptr", len(row_nnz) + 1, idx_dtype)
     indptr[0] = 0
@@ -537,8 +552,70 @@ def _build_obs(
     return pd.DataFrame(columns, index=pd.Index(np.asarray(names, dtype=object), dtype=object))
 
 
-#: Elements gathered per step when streaming a CSR dataset out (a few MB of scratch).
+#: Elements gathered per step when streaming a CSR dataset out (a few MB of scratch per thread).
 _GATHER_ELEMS = 1 << 21
+#: Blocks (gather + compress tasks) in flight per encoding thread: enough to keep every thread busy, few
+#: enough that the compressed results waiting their turn stay small.
+_BLOCKS_IN_FLIGHT = 2
+
+
+def encode_threads() -> int:
+    """Threads that gather and compress a dataset's chunks (and help read it): one per CPU, at most 4.
+
+    ``$ANNBATCH_NB_THREADS`` overrides it (worker processes set it to their share of the CPUs).
+    """
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+#: Environment variable fixing the threads per process (see :func:`encode_threads`).
+THREADS_ENV = "ANNBATCH_NB_THREADS"
+
+
+class _Slots:
+    """Scratch buffers for the encoding tasks: one set per task running at once, named ``<name>:<slot>``."""
+
+    def __init__(self, n: int) -> None:
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(n):
+            self._free.put(i)
+
+    def take(self) -> int:
+        """A free slot number (blocks until one is free)."""
+        return self._free.get()
+
+    def give(self, slot: int) -> None:
+        """Return a slot."""
+        self._free.put(slot)
+
+
+def _ordered(
+    executor: ThreadPoolExecutor,
+    fn: Callable[..., Any],
+    jobs: Iterable[tuple[Any, ...]],
+    window: int,
+    cancel: threading.Event | None,
+) -> Iterable[Any]:
+    """``fn(*job)`` for every job on ``executor``, yielded in job order, at most ``window`` in flight."""
+    pending: collections.deque[Future[Any]] = collections.deque()
+    try:
+        for job in jobs:
+            _check_cancel(cancel)
+            pending.append(executor.submit(fn, *job))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            _check_cancel(cancel)
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+        for f in pending:  # let running tasks finish before their buffers are reused or released
+            if not f.cancelled():
+                with contextlib.suppress(BaseException):
+                    f.result()
 
 
 def _write_csr_x(
@@ -550,11 +627,14 @@ def _write_csr_x(
     pool: BufferPool,
     progress: ProgressCallback,
     cancel: threading.Event | None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> None:
     """Stream the permuted rows out, shard by shard.
 
-    A block of output elements is gathered into scratch, cut into inner chunks, each compressed as it comes;
-    every shard is stored with one write. Scratch is one block (a few MB), not one shard.
+    The output is cut into blocks of about :data:`_GATHER_ELEMS` entries (whole inner chunks); each block is
+    a task that gathers its rows into scratch and compresses its inner chunks. Tasks run on ``executor``'s
+    threads (scipy's gather and Blosc release the GIL), a few in flight, their results added to the shard in
+    order; every shard is stored with one write. Scratch is one block per running task, not one shard.
     """
     data_arr = ShardedArray(writer.data)
     idx_arr = ShardedArray(writer.indices)
@@ -565,32 +645,57 @@ def _write_csr_x(
     perm = perm.astype(buf.indptr.dtype, copy=False)
     block = max(chunk, (_GATHER_ELEMS // chunk) * chunk)
     max_row = int(np.diff(buf.indptr).max()) if n_rows else 0
-    g_data = pool.get("gather_data", block + 2 * max_row, plan.dtype)
-    g_idx = pool.get("gather_indices", block + 2 * max_row, buf.indices.dtype)
+    n_threads = encode_threads() if executor is not None else 1
+    slots = _Slots(n_threads)
+    for slot in range(n_threads):  # allocate up front (not from the tasks): the pool is not thread-safe
+        pool.get(f"gather_data:{slot}", block + 2 * max_row, plan.dtype)
+        pool.get(f"gather_indices:{slot}", block + 2 * max_row, buf.indices.dtype)
+
+    def encode_block(e0: int, e1: int) -> tuple[list[bytes], list[bytes]]:
+        r0 = int(np.searchsorted(out_indptr, e0, side="right")) - 1
+        r1 = int(np.searchsorted(out_indptr, e1, side="left"))
+        lo = int(out_indptr[r0])
+        m = int(out_indptr[r1]) - lo
+        slot = slots.take()
+        try:
+            g_data = pool.get(f"gather_data:{slot}", block + 2 * max_row, plan.dtype)
+            g_idx = pool.get(f"gather_indices:{slot}", block + 2 * max_row, buf.indices.dtype)
+            _gather_rows(buf, perm[r0:r1], g_data[:m], g_idx[:m])
+            off = e0 - lo
+            d_parts, i_parts = [], []
+            for c0 in range(off, off + e1 - e0, chunk):
+                c1 = min(c0 + chunk, off + e1 - e0)
+                d_parts.append(data_arr.encode(g_data[c0:c1]))
+                i_parts.append(idx_arr.encode(g_idx[c0:c1].astype(plan.index_dtype)))
+            return d_parts, i_parts
+        finally:
+            slots.give(slot)
+
     rows_done = 0
     for s0 in range(0, nnz, shard):
         _check_cancel(cancel)
         b_data, b_idx = data_arr.builder(), idx_arr.builder()
         s1 = min(s0 + shard, nnz)
-        for e0 in range(s0, s1, block):
-            e1 = min(e0 + block, s1)
-            r0 = int(np.searchsorted(out_indptr, e0, side="right")) - 1
-            r1 = int(np.searchsorted(out_indptr, e1, side="left"))
-            lo = int(out_indptr[r0])
-            m = int(out_indptr[r1]) - lo
-            _gather_rows(buf, perm[r0:r1], g_data[:m], g_idx[:m])
-            off = e0 - lo
-            for c0 in range(off, off + e1 - e0, chunk):
-                c1 = min(c0 + chunk, off + e1 - e0)
-                b_data.add(data_arr.pad(g_data[c0:c1]))
-                b_idx.add(idx_arr.pad(g_idx[c0:c1].astype(plan.index_dtype)))
+        jobs = [(e0, min(e0 + block, s1)) for e0 in range(s0, s1, block)]
+        if executor is None:
+            results: Iterable[tuple[list[bytes], list[bytes]]] = (encode_block(*j) for j in jobs)
+        else:
+            results = _ordered(executor, encode_block, jobs, _BLOCKS_IN_FLIGHT * n_threads, cancel)
+        for d_parts, i_parts in results:
+            for d in d_parts:
+                b_data.add_encoded(d)
+            for i in i_parts:
+                b_idx.add_encoded(i)
         while b_data.n_added < data_arr.n_chunks:  # chunks past the end of the array
-            b_data.add(None)
-            b_idx.add(None)
+            b_data.add_encoded(None)
+            b_idx.add_encoded(None)
         coords = (s0 // shard,)
-        data_arr.put(coords, b_data.finish())
+        _check_cancel(cancel)
+        data_arr.put(coords, b_data.finish_parts())
+        del b_data
         stop_point(f"shard:{writer.k}")
-        idx_arr.put(coords, b_idx.finish())
+        idx_arr.put(coords, b_idx.finish_parts())
+        del b_idx
         finished = int(np.searchsorted(out_indptr, s1, side="right")) - 1 if s1 < nnz else n_rows
         progress("rows", finished - rows_done)
         rows_done = finished
@@ -604,24 +709,53 @@ def _write_dense_x(
     pool: BufferPool,
     progress: ProgressCallback,
     cancel: threading.Event | None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> None:
-    """Stream permuted dense rows out chunk by chunk, one store write per shard."""
+    """Stream permuted dense rows out, a few inner chunks per task (see :func:`_write_csr_x`)."""
     arr = ShardedArray(writer.x)
     chunk = arr.chunk_shape[0]
     shard = arr.shard_shape[0]
     n_rows = len(perm)
-    scratch = pool.get("gather_dense", chunk * dense.shape[1], dense.dtype).reshape(chunk, dense.shape[1])
+    row_bytes = max(dense.shape[1] * dense.dtype.itemsize, 1)
+    per_task = max(1, (_GATHER_ELEMS * 4) // (row_bytes * chunk))  # inner chunks per task (~8 MB)
+    n_threads = encode_threads() if executor is not None else 1
+    slots = _Slots(n_threads)
+    for slot in range(n_threads):
+        pool.get(f"gather_dense:{slot}", chunk * dense.shape[1], dense.dtype)
+
+    def encode_chunks(c0: int, c1: int) -> list[bytes | None]:
+        slot = slots.take()
+        try:
+            scratch = pool.get(f"gather_dense:{slot}", chunk * dense.shape[1], dense.dtype)
+            scratch = scratch.reshape(chunk, dense.shape[1])
+            out: list[bytes | None] = []
+            for a in range(c0, c1, chunk):
+                if a >= n_rows:
+                    out.append(None)
+                    continue
+                b = min(a + chunk, n_rows)
+                np.take(dense, perm[a:b], axis=0, out=scratch[: b - a])
+                out.append(arr.encode(scratch[: b - a]))
+            return out
+        finally:
+            slots.give(slot)
+
     for s0 in range(0, n_rows, shard):
         _check_cancel(cancel)
         builder = arr.builder()
-        for c0 in range(s0, s0 + shard, chunk):
-            if c0 >= n_rows:
-                builder.add(None)
-                continue
-            c1 = min(c0 + chunk, n_rows)
-            np.take(dense, perm[c0:c1], axis=0, out=scratch[: c1 - c0])
-            builder.add(arr.pad(scratch[: c1 - c0]))
-        arr.put((s0 // shard, 0), builder.finish())
+        jobs = [
+            (c0, min(c0 + per_task * chunk, s0 + shard)) for c0 in range(s0, s0 + shard, per_task * chunk)
+        ]
+        if executor is None:
+            results: Iterable[list[bytes | None]] = (encode_chunks(*j) for j in jobs)
+        else:
+            results = _ordered(executor, encode_chunks, jobs, _BLOCKS_IN_FLIGHT * n_threads, cancel)
+        for parts in results:
+            for part in parts:
+                builder.add_encoded(part)
+        _check_cancel(cancel)
+        arr.put((s0 // shard, 0), builder.finish_parts())
+        del builder
         stop_point(f"shard:{writer.k}")
         progress("rows", min(s0 + shard, n_rows) - s0)
 
@@ -673,25 +807,41 @@ def write_dataset(
     runs = plan.dataset_runs(k)
     perm = plan.dataset_permutation(k)
     n_rows = len(perm)
-    obs = _build_obs(plan, sources, runs, obs_names).iloc[perm]
     pool = pool if pool is not None else BufferPool()
-    if plan.x_kind == "csr":
-        buf = _read_csr(plan, sources, runs, pool, progress, cancel)
-        stop_point(f"dataset-read:{k}")
-        out_nnz = np.diff(buf.indptr)[perm]
-        out_indptr = np.zeros(n_rows + 1, dtype=np.int64)
-        np.cumsum(out_nnz, out=out_indptr[1:])
-        nnz = int(out_indptr[-1])
-        writer = DatasetWriter(root, k, plan, n_rows, nnz)
-        writer.indptr[...] = out_indptr
-        _write_csr_x(plan, writer, buf, perm, out_indptr, pool, progress, cancel)
-    else:
-        dense = _read_dense(plan, sources, runs, pool, progress, cancel)
-        stop_point(f"dataset-read:{k}")
-        writer = DatasetWriter(root, k, plan, n_rows)
-        nnz = n_rows * plan.n_vars
-        _write_dense_x(writer, dense, perm, pool, progress, cancel)
-    writer.write_frames(obs)
+    n_threads = encode_threads()
+    executor = ThreadPoolExecutor(n_threads, thread_name_prefix=f"annbatch-nb-{k}") if n_threads > 1 else None
+    try:
+        # obs (read, assembled, permuted) and the dataset's group with obs/var are written on a helper thread
+        # while X is read: anndata's writer is mostly Python, the X reads mostly release the GIL
+        writer = DatasetWriter(root, k, plan, n_rows, nnz=None)
+        frames: Future[None] | None = None
+        if executor is None:
+            writer.write_frames(_build_obs(plan, sources, runs, obs_names).iloc[perm])
+        else:
+            frames = executor.submit(
+                lambda: writer.write_frames(_build_obs(plan, sources, runs, obs_names).iloc[perm])
+            )
+        if plan.x_kind == "csr":
+            buf = _read_csr(plan, sources, runs, pool, progress, cancel, executor)
+            stop_point(f"dataset-read:{k}")
+            out_nnz = np.diff(buf.indptr)[perm]
+            out_indptr = np.zeros(n_rows + 1, dtype=np.int64)
+            np.cumsum(out_nnz, out=out_indptr[1:])
+            del out_nnz
+            nnz = int(out_indptr[-1])
+            writer.create_x(nnz)
+            writer.indptr[...] = out_indptr
+            _write_csr_x(plan, writer, buf, perm, out_indptr, pool, progress, cancel, executor)
+        else:
+            dense = _read_dense(plan, sources, runs, pool, progress, cancel)
+            stop_point(f"dataset-read:{k}")
+            nnz = n_rows * plan.n_vars
+            _write_dense_x(writer, dense, perm, pool, progress, cancel, executor)
+        if frames is not None:
+            frames.result()
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
     stop_point(f"dataset-written:{k}")
     record = {"n_obs": n_rows, "nnz": nnz}
     mark_complete(root, k, record)
@@ -751,7 +901,10 @@ def resolve_workers(workers: int | str, plan: Plan, n_todo: int) -> int:
         )
         per_worker = mem.baseline_bytes + mem.run_bytes + mem.dataset_bytes
         by_memory = max(1, int(budget // max(per_worker, 1)))
-        return max(1, min(os.cpu_count() or 1, n_todo, by_memory))
+        # each process already keeps encode_threads() CPUs busy within its dataset (reads, gather, Blosc):
+        # more processes only pay on machines with CPUs to spare, and each holds one more dataset
+        by_cpus = max(1, (os.cpu_count() or 1) // encode_threads())
+        return max(1, min(by_cpus, n_todo, by_memory))
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ParameterError(f"workers must be a positive whole number or 'auto', got {workers!r}")
     return min(workers, max(n_todo, 1))
@@ -830,11 +983,14 @@ def _run_in_processes(
         except queue_mod.Empty:
             pass
 
+    env = dict(store_env() or {})
+    share = max(1, (os.cpu_count() or 1) // n_workers)
+    env.setdefault(THREADS_ENV, os.environ.get(THREADS_ENV) or str(share))  # threads per worker
     with ProcessPoolExecutor(
         n_workers,
         mp_context=ctx,
         initializer=_worker_init,
-        initargs=(plan, output, messages, stop, os.getpid(), store_env()),
+        initargs=(plan, output, messages, stop, os.getpid(), env),
     ) as pool:
         pending = {pool.submit(_worker_write, k) for k in todo}
         try:
@@ -904,9 +1060,11 @@ def execute(
     restart
         Remove what an earlier annbatch-nb run wrote at ``output`` (only that) and start over.
     workers
-        Local processes writing datasets side by side (each holds one dataset in memory). ``"auto"``: as many
-        as there are cores and datasets left, within the plan's memory budget, and one for runs predicted to
-        take only a few seconds. Leave it at ``"auto"`` with ``client``: the cluster's workers are used.
+        Processes writing datasets side by side (each holds one dataset in memory, and uses its share of the
+        CPUs with threads). ``"auto"``: one process per :func:`encode_threads` CPUs (one on a machine with
+        up to 4 CPUs: its threads already keep them busy), at most the datasets left, within the plan's memory
+        budget, and one for runs predicted to take only a few seconds. Leave it at ``"auto"`` with
+        ``client``: the cluster's workers are used.
     client
         A :class:`dask.distributed.Client`: every dataset is a task on its cluster (see
         :mod:`annbatch_nb.distributed`). The workers must see ``output`` and the inputs at the same paths (a

@@ -13,7 +13,10 @@ created by zarr-python, so their metadata is canonical; zarr reads the shards wr
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import threading
 
 import google_crc32c
 import numpy as np
@@ -22,6 +25,7 @@ from numcodecs import Blosc
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 __all__ = ["ShardBuilder", "ShardedArray"]
 
@@ -60,17 +64,32 @@ class ShardBuilder:
         self._next += 1
         if chunk is None:
             return
-        encoded = self._compressor.encode(np.ascontiguousarray(chunk))
+        self._append(i, self._compressor.encode(np.ascontiguousarray(chunk)))
+
+    def add_encoded(self, encoded: bytes | None) -> None:
+        """Append the next inner chunk, already compressed with the array's codec (``None``: absent)."""
+        i = self._next
+        if i >= len(self._index):
+            raise IndexError("shard is full")
+        self._next += 1
+        if encoded is not None:
+            self._append(i, encoded)
+
+    def _append(self, i: int, encoded: bytes) -> None:
         n = len(encoded)
         self._index[i] = (self._offset, n)
         self._parts.append(encoded)
         self._offset += n
 
-    def finish(self) -> bytes:
-        """The shard's bytes: chunks, then the index and its crc32c."""
+    def finish_parts(self) -> list[bytes]:
+        """The shard's bytes as pieces to be stored one after another: chunks, then index and crc32c."""
         index = self._index.tobytes()
         crc = google_crc32c.value(index).to_bytes(4, "little")
-        return b"".join([*self._parts, index, crc])
+        return [*self._parts, index + crc]
+
+    def finish(self) -> bytes:
+        """The shard's bytes: chunks, then the index and its crc32c."""
+        return b"".join(self.finish_parts())
 
 
 class ShardedArray:
@@ -138,10 +157,37 @@ class ShardedArray:
         """Store key of shard ``coords``."""
         return f"{self._path}/{self._key_encoding.encode_chunk_key(coords)}"
 
-    def put(self, coords: tuple[int, ...], shard: bytes) -> None:
-        """Store the bytes of shard ``coords`` (one ``set`` call)."""
-        buf = default_buffer_prototype().buffer.from_bytes(shard)
-        sync(self._store.set(self.key(coords), buf))
+    def encode(self, chunk: np.ndarray) -> bytes:
+        """Compress one inner chunk (padded to the chunk shape) as :class:`ShardBuilder` would.
+
+        Thread-safe: numcodecs releases the GIL while Blosc compresses (one Blosc thread per call outside the
+        main thread), so several threads compress side by side; the bytes are the same either way.
+        """
+        return self._compressor.encode(np.ascontiguousarray(self.pad(chunk)))
+
+    def put(self, coords: tuple[int, ...], shard: bytes | list[bytes]) -> None:
+        """Store the bytes of shard ``coords`` (whole, or as pieces from :meth:`ShardBuilder.finish_parts`).
+
+        On a local directory the pieces are written straight to a temporary file renamed into place (as
+        zarr's ``LocalStore`` does, without joining them into one copy first); elsewhere one ``set`` call.
+        """
+        key = self.key(coords)
+        if isinstance(self._store, LocalStore) and not self._store.read_only:
+            path = self._store.root / key
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
+            try:
+                with open(tmp, "wb") as f:
+                    f.writelines([shard] if isinstance(shard, bytes) else shard)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            return
+        data = shard if isinstance(shard, bytes) else b"".join(shard)
+        buf = default_buffer_prototype().buffer.from_bytes(data)
+        sync(self._store.set(key, buf))
 
     def write_rows(self, shard_row: int, rows: np.ndarray) -> None:
         """Encode and store one shard along axis 0 from the values it covers (clipped to the array).

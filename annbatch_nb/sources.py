@@ -741,23 +741,97 @@ class H5adSource(Source):
             with contextlib.suppress(Exception):  # closing a broken handle
                 self._root.close()
         self._root = None
+        fd = self.__dict__.pop("_fd", None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.__dict__.pop("_layouts", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_fd", None)
+        state.pop("_layouts", None)
+        return state
 
     def _is_array(self, node: Any) -> bool:
         return isinstance(node, h5py.Dataset)
+
+    def _layout(self, arr: Any) -> _RawLayout | None:
+        """Byte layout of an uncompressed numeric dataset of a local file (cached), else None.
+
+        Such a dataset's rows are exact byte ranges of the file: they are read with ``os.preadv`` straight
+        into the destination, without HDF5's chunk-by-chunk path and without h5py's global lock (so reads can
+        run on several threads).
+        """
+        layouts: dict[str, _RawLayout | None] = self.__dict__.setdefault("_layouts", {})
+        name = arr.name
+        if name not in layouts:
+            layouts[name] = None if is_url(self.spec.path) else _h5_layout(self.spec.path, arr)
+        return layouts[name]
+
+    def _read_range_into(self, arr: Any, lo: int, hi: int, out: np.ndarray) -> None:
+        layout = self._layout(arr) if hi > lo and out.flags.c_contiguous else None
+        if layout is not None and out.dtype == layout.dtype and out.shape[0] == hi - lo:
+            fd = self.__dict__.get("_fd")
+            if fd is None:
+                fd = self.__dict__["_fd"] = os.open(self.spec.path, os.O_RDONLY)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            pos = 0
+            for a, b in layout.pieces(lo, hi):
+                while a < b:  # preadv may return short reads
+                    n = os.preadv(fd, [view[pos : pos + b - a]], a)
+                    if n <= 0:
+                        raise self._fail("ended early while reading X; the file is truncated")
+                    a += n
+                    pos += n
+            return
+        if out.flags.c_contiguous and h5py.check_string_dtype(arr.dtype) is None and hi > lo:
+            arr.read_direct(out, source_sel=np.s_[lo:hi])
+        else:
+            out[...] = self._read_range(arr, lo, hi)
 
     def _read_range(self, arr: Any, lo: int, hi: int) -> np.ndarray:
         if h5py.check_string_dtype(arr.dtype) is not None:
             return arr.asstr()[lo:hi] if arr.ndim else np.asarray([arr.asstr()[()]])
         return arr[lo:hi]
 
-    def _read_range_into(self, arr: Any, lo: int, hi: int, out: np.ndarray) -> None:
-        if out.flags.c_contiguous and h5py.check_string_dtype(arr.dtype) is None and hi > lo:
-            arr.read_direct(out, source_sel=np.s_[lo:hi])
-        else:
-            out[...] = self._read_range(arr, lo, hi)
-
     def _disk_stat(self) -> tuple[int, float]:
         return _file_stat(self.spec)
+
+
+def _h5_layout(path: str, arr: h5py.Dataset) -> _RawLayout | None:
+    """Byte layout of an HDF5 dataset stored uncompressed in ``path`` itself, chunked along axis 0 only."""
+    dtype = arr.dtype
+    if dtype.kind not in "biuf" or arr.ndim == 0 or arr.shape[0] == 0 or arr.external:
+        return None
+    dcpl = arr.id.get_create_plist()
+    if dcpl.get_nfilters() > 0:
+        return None
+    row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * dtype.itemsize
+    if row_bytes == 0:
+        return None
+    layout = dcpl.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = arr.id.get_offset()
+        if offset is None:  # never written
+            return None
+        offsets = np.asarray([offset], dtype=np.int64)
+        return _RawLayout(path, offsets, arr.shape[0], row_bytes, dtype, arr.shape)
+    if layout != h5py.h5d.CHUNKED or not hasattr(arr.id, "chunk_iter"):
+        return None
+    chunk = arr.chunks
+    if any(c < s for c, s in zip(chunk[1:], arr.shape[1:], strict=True)):
+        return None
+    n_chunks = -(-arr.shape[0] // chunk[0])
+    found: list[tuple[int, int, int]] = []
+    arr.id.chunk_iter(lambda info: found.append((info.chunk_offset[0], info.byte_offset, info.size)))
+    if len(found) != n_chunks:  # chunks never written read as the fill value: leave them to HDF5
+        return None
+    found.sort()
+    table = np.asarray(found, dtype=np.int64)
+    if np.any(table[:, 0] != np.arange(n_chunks) * chunk[0]) or np.any(table[:, 2] < chunk[0] * row_bytes):
+        return None
+    return _RawLayout(path, table[:, 1].copy(), chunk[0], row_bytes, dtype, arr.shape)
 
 
 class ZarrSource(Source):
@@ -796,6 +870,50 @@ class ZarrSource(Source):
             values = values.astype(object)
         return values
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_chunk_readers", None)
+        return state
+
+    def _chunk_reader(self, arr: Any) -> _ZarrChunks | None:
+        """A direct reader of ``arr``'s chunks when it is a 1-D array of a local store (cached), else None."""
+        readers: dict[str, _ZarrChunks | None] = self.__dict__.setdefault("_chunk_readers", {})
+        key = str(arr.path)
+        if key not in readers:
+            readers[key] = _ZarrChunks.of(arr) if type(self) is ZarrSource else None
+        return readers[key]
+
+    def read_csr_into(self, runs: np.ndarray, data_out: np.ndarray, indices_out: np.ndarray) -> int:
+        """Read the CSR entries of sorted row runs into buffers (see :meth:`Source.read_csr_into`).
+
+        On a local store, the chunks holding the runs are read and decoded here, each once, on a few threads
+        (zstd, Blosc and gzip release the GIL), and copied straight into the buffers; otherwise zarr-python
+        reads them.
+        """
+        x = self.root["X"]
+        data, indices = self._chunk_reader(x["data"]), self._chunk_reader(x["indices"])
+        if data is None or indices is None:
+            return super().read_csr_into(runs, data_out, indices_out)
+        ip = self.indptr
+        ranges = np.asarray([(int(ip[lo]), int(ip[hi])) for lo, hi in coalesce_runs(runs)], dtype=np.int64)
+        ranges = ranges.reshape(-1, 2)
+        data.read_into(ranges, data_out)
+        indices.read_into(ranges, indices_out)
+        return int((ranges[:, 1] - ranges[:, 0]).sum())
+
+    def _gather(self, arr: Any, ranges: np.ndarray) -> np.ndarray:
+        # every read decodes whole chunks: ranges within a chunk of each other are read as one span (an obs
+        # column chunked as one piece is then read once, not once per run)
+        gap = self._merge_gap(arr)
+        if len(ranges) <= 1 or not gap:
+            return super()._gather(arr, ranges)
+        parts: list[np.ndarray] = []
+        for group in _group_ranges([(int(lo), int(hi)) for lo, hi in ranges], gap):
+            lo, hi = group[0][0], group[-1][1]
+            span = np.asarray(self._read_range(arr, lo, hi))
+            parts += [span[a - lo : b - lo] for a, b in group]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def _disk_stat(self) -> tuple[int, float]:
         size, mtime = 0, 0.0
         if is_url(self.spec.path):
@@ -814,6 +932,198 @@ class ZarrSource(Source):
                 size += st.st_size
                 mtime = max(mtime, st.st_mtime)
         return size, mtime
+
+
+class _ZarrChunks:
+    """Read element ranges of a 1-D zarr array of a local store by decoding its chunks directly.
+
+    zarr-python decodes a selection's chunks well, but every call has a fixed cost and a run's edge chunks are
+    decoded again by the next call. Here the chunks under all the ranges of one read are each read (one
+    ``pread``) and decoded once, on a small thread pool, and copied into place. Supported: zarr v3 arrays,
+    sharded (``sharding_indexed``, inner ``bytes`` + one compressor, index ``bytes`` + ``crc32c``) or not,
+    and zarr v2 arrays with one compressor and no filters; compressors zstd, Blosc, gzip or none.
+    """
+
+    _pool: ClassVar[Any] = None
+
+    def __init__(
+        self, root: Path, meta: Any, codec: Any, chunk: int, per_shard: int | None, index_end: bool
+    ) -> None:
+        self.root = root
+        self.meta = meta
+        self.codec = codec
+        self.chunk = chunk
+        self.per_shard = per_shard or 1  # inner chunks per stored object
+        self.sharded = per_shard is not None
+        self.index_end = index_end
+        self.dtype = (
+            np.dtype(meta.dtype.to_native_dtype()) if hasattr(meta.dtype, "to_native_dtype") else None
+        )
+        self.fill = meta.fill_value if meta.fill_value is not None else 0
+        self.size = int(meta.shape[0])
+        self._indexes: dict[int, np.ndarray | None] = {}
+
+    @classmethod
+    def of(cls, arr: Any) -> _ZarrChunks | None:
+        """The reader for ``arr``, or None where zarr-python must read it."""
+        try:
+            from zarr.codecs import BloscCodec as ZBlosc
+            from zarr.codecs import BytesCodec, Crc32cCodec, GzipCodec, ShardingCodec, ZstdCodec
+            from zarr.storage import LocalStore
+        except ImportError:  # pragma: no cover - zarr moved them
+            return None
+        store = arr.store_path.store
+        if not isinstance(store, LocalStore) or arr.ndim != 1 or arr.shape[0] == 0:
+            return None
+        meta = arr.metadata
+        root = Path(store.root)
+        dtype = np.dtype(arr.dtype) if not isinstance(arr.dtype, str) else None
+        if dtype is None or dtype.kind not in "biuf" or not dtype.isnative:
+            return None
+
+        def numcodec(c: Any) -> Any:
+            import numcodecs
+
+            if isinstance(c, ZstdCodec):
+                return numcodecs.Zstd(level=c.level)
+            if isinstance(c, ZBlosc):
+                return numcodecs.Blosc()
+            if isinstance(c, GzipCodec):
+                return numcodecs.GZip()
+            return False
+
+        def plain(codecs: Any) -> Any:
+            """The compressor of ``[bytes(little) (+ one compressor)]`` (None: uncompressed), else False."""
+            if not codecs or not isinstance(codecs[0], BytesCodec):
+                return False
+            endian = str(getattr(codecs[0].endian, "value", codecs[0].endian))
+            if endian not in ("little", "None") or len(codecs) > 2:
+                return False
+            return None if len(codecs) == 1 else numcodec(codecs[1])
+
+        if int(arr.metadata.zarr_format) == 2:
+            if meta.filters or meta.order != "C":
+                return None
+            comp = meta.compressor
+            if comp is not None and comp.codec_id not in ("zstd", "blosc", "gzip", "zlib"):
+                return None
+            reader = cls(root / arr.store_path.path, meta, comp, int(meta.chunks[0]), None, True)
+            reader.dtype = dtype
+            return reader
+        codecs = meta.codecs
+        chunk = int(meta.chunk_grid.chunk_shape[0])
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            sc = codecs[0]
+            comp = plain(sc.codecs)
+            idx = sc.index_codecs
+            if (
+                comp is False
+                or len(idx) != 2
+                or not isinstance(idx[0], BytesCodec)
+                or not isinstance(idx[1], Crc32cCodec)
+            ):
+                return None
+            inner = int(sc.chunk_shape[0])
+            if chunk % inner:
+                return None
+            loc = str(getattr(sc.index_location, "value", sc.index_location))
+            reader = cls(root / arr.store_path.path, meta, comp, inner, chunk // inner, loc == "end")
+        else:
+            comp = plain(codecs)
+            if comp is False:
+                return None
+            reader = cls(root / arr.store_path.path, meta, comp, chunk, None, True)
+        reader.dtype = dtype
+        return reader
+
+    def _file(self, shard: int) -> Path:
+        return self.root / self.meta.encode_chunk_key((shard,))
+
+    def _index(self, shard: int) -> np.ndarray | None:
+        """``(per_shard, 2)`` offsets and lengths of a shard's inner chunks; None if the shard is absent."""
+        if shard not in self._indexes:
+            path = self._file(shard)
+            n = self.per_shard * 16 + 4
+            try:
+                with open(path, "rb") as f:
+                    if self.index_end:
+                        f.seek(-n, os.SEEK_END)
+                    raw = f.read(n)
+            except FileNotFoundError:
+                self._indexes[shard] = None
+                return None
+            import google_crc32c
+
+            if len(raw) != n or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise OSError(f"shard index of {path} fails its checksum")
+            self._indexes[shard] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+        return self._indexes[shard]
+
+    def _chunk(self, k: int) -> np.ndarray | None:
+        """Decoded inner chunk ``k`` (None: never written, reads as the fill value)."""
+        if not self.sharded:
+            try:
+                raw = self._file(k).read_bytes()
+            except FileNotFoundError:
+                return None
+        else:
+            index = self._index(k // self.per_shard)
+            if index is None:
+                return None
+            off, n = (int(v) for v in index[k % self.per_shard])
+            if off == 2**64 - 1:
+                return None
+            with open(self._file(k // self.per_shard), "rb") as f:
+                raw = os.pread(f.fileno(), n, off)
+            if len(raw) != n:
+                raise OSError(f"{self._file(k // self.per_shard)} is truncated")
+        dec = raw if self.codec is None else self.codec.decode(raw)
+        return np.frombuffer(dec, dtype=self.dtype)
+
+    def read_into(self, ranges: np.ndarray, out: np.ndarray) -> None:
+        """Copy elements ``[a, b)`` of every range, one after another, into ``out``.
+
+        Parameters
+        ----------
+        ranges
+            ``(m, 2)`` sorted, disjoint element ranges.
+        out
+            Destination of at least the ranges' total length (values are cast to its dtype).
+        """
+        c = self.chunk
+        work: dict[int, list[tuple[int, int, int]]] = {}  # chunk -> (chunk start, chunk end, out position)
+        pos = 0
+        for a, b in ranges.tolist():
+            for k in range(a // c, (b - 1) // c + 1) if b > a else ():
+                lo, hi = max(a, k * c), min(b, (k + 1) * c)
+                work.setdefault(k, []).append((lo - k * c, hi - k * c, pos + lo - a))
+            pos += b - a
+
+        def one(k: int) -> None:
+            values = self._chunk(k)
+            for lo, hi, p in work[k]:
+                if values is None:
+                    out[p : p + hi - lo] = self.fill
+                else:
+                    out[p : p + hi - lo] = values[lo:hi]
+
+        if len(work) <= 1:
+            for k in work:
+                one(k)
+            return
+        for _ in _ZarrChunks.pool().map(one, sorted(work)):
+            pass
+
+    @classmethod
+    def pool(cls) -> Any:
+        """Threads decoding chunks (one per CPU, at most 4), shared by every reader of the process."""
+        if cls._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            cls._pool = ThreadPoolExecutor(
+                max(1, min(os.cpu_count() or 1, 4)), thread_name_prefix="zarr-read"
+            )
+        return cls._pool
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1178,7 +1488,7 @@ class VirtualH5adSource(ZarrSource):
             rows = np.concatenate([np.arange(lo, hi) for lo, hi in ranges])
             values = arr.get_orthogonal_selection(rows)
             return values.astype(object) if values.dtype.kind == "T" else values
-        return super()._gather(arr, ranges)
+        return Source._gather(self, arr, ranges)  # uncompressed: exact ranges, no spans
 
     def _read_range(self, arr: Any, lo: int, hi: int) -> np.ndarray:
         layout = self._layout(arr)

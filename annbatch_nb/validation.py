@@ -162,7 +162,7 @@ def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
         meta = dict(root[META_KEY].attrs)
         expected = meta.get("rows_per_dataset")
         if expected is not None:
-            got = [_x_rows(g) for g in groups]
+            got = [_x_rows(g) if "X" in g else -1 for g in groups]  # no X: a dataset cut short, reported
             if len(expected) != len(got):
                 report.fail(f"the manifest lists {len(expected)} datasets, the collection has {len(got)}")
             elif list(expected) != got:
