@@ -18,6 +18,7 @@ import contextlib
 import glob
 import multiprocessing
 import os
+import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -1260,9 +1261,24 @@ _MANIFEST_CACHE_SIZE = 4096
 
 
 def manifests_of(infos: Sequence[SourceInfo]) -> dict[tuple[str, int, float], Any]:
-    """The manifests this process built for ``infos`` (virtualized ``.h5ad`` inputs), to ship to workers."""
-    keys = [(i.path, i.size_bytes, i.mtime) for i in infos]
-    return {k: _MANIFESTS[k] for k in keys if k in _MANIFESTS}
+    """The manifests this process built for ``infos`` read virtualized, to ship to workers.
+
+    Only manifests that pickle are returned (one over an object store holds a store client that may not);
+    a worker parses the others itself.
+    """
+    out = {}
+    for i in infos:
+        key = (i.path, i.size_bytes, i.mtime)
+        if i.reader != "virtual" or key not in _MANIFESTS:
+            continue
+        try:
+            pickle.dumps(_MANIFESTS[key])
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # obstore's Rust side panics (a BaseException) on some stores
+            continue
+        out[key] = _MANIFESTS[key]
+    return out
 
 
 def remember_manifests(manifests: dict[tuple[str, int, float], Any]) -> None:
