@@ -41,6 +41,9 @@ __all__ = [
 
 #: Elements the engine gathers per step (mirrors ``engine._GATHER_ELEMS``).
 GATHER_ELEMS = 1 << 21
+#: zarr's decode buffers while reading an input (several compressed chunks fetched and decoded at once): an
+#: estimate from measured peaks (zarr inputs' peaks were 20-40 MB above h5ad inputs' of the same data).
+ZARR_READ_BYTES = 20_000_000
 #: Python's per-object cost of a short ``str`` (header), plus one pointer to it.
 _STR_OVERHEAD = 49 + 8
 
@@ -182,6 +185,24 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         )
         hit = new_range & (formats[r[:, 0]] == fmt)
         table[f"calls_{fmt}"] = np.bincount(ks[hit], weights=arrays[r[hit, 0]], minlength=kd)
+    # largest contiguous range read from an input whose reader returns a new array (zarr, virtual h5ad), which
+    # the engine then copies into its buffer: a temporary of the range's data and indices
+    copies = [i.reader in ("zarr", "virtual") or (not i.reader and i.format == "zarr") for i in infos]
+    temp_row = np.array(
+        [
+            (i.nnz / max(i.n_obs, 1)) * (i.dtype.itemsize + 4) if c else 0.0
+            for i, c in zip(infos, copies, strict=True)
+        ]
+    )
+    if i_dense := [j for j, i in enumerate(infos) if i.x_kind == "dense" and copies[j]]:
+        temp_row[i_dense] = [infos[j].n_vars * infos[j].dtype.itemsize for j in i_dense]
+    range_id = np.cumsum(new_range) - 1
+    range_rows = np.bincount(range_id, weights=(r[:, 2] - r[:, 1]).astype(np.float64))
+    range_bytes = range_rows * temp_row[r[new_range, 0]]
+    table["read_temp"] = np.zeros(kd)
+    np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
+    table["zarr_reader"] = np.zeros(kd)
+    np.maximum.at(table["zarr_reader"], ks[new_range], (temp_row[r[new_range, 0]] > 0).astype(np.float64))
     plan._cache["dataset_table"] = table
     return table
 
@@ -260,6 +281,9 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     - one shard being compressed and joined: ``shard entries * (it + index itemsize) * ratio * 1.5``.
     - obs: three row-sized copies of the columns (pieces, frame, permuted frame) and the names' pointers.
     - five int64 row vectors (counts, row nnz, permutation, output nnz, output indptr).
+    - reading a zarr (or virtual h5ad) input: the largest contiguous range's data and indices as a temporary
+      array (``Source._read_range`` returns new arrays; h5py reads straight into the buffer), plus
+      :data:`ZARR_READ_BYTES` of zarr's decode buffers.
     """
     t = _dataset_table(plan)
     rows, nnz = t["rows"], t["nnz"]
@@ -278,7 +302,8 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
         scratch = plan.params.n_obs_per_chunk * row_bytes
         shard_rows = np.minimum(_shard_rows(plan), rows)
         shard = shard_rows * row_bytes * calibration.compression_ratio * 1.5
-    return buffer + scratch + shard + obs + perm_and_pointers
+    read = t["read_temp"] + t["zarr_reader"] * ZARR_READ_BYTES
+    return buffer + scratch + shard + obs + perm_and_pointers + read
 
 
 def _pool_bytes(plan: Plan) -> float:
@@ -884,13 +909,15 @@ def _calibrate_format(
         bytes_per_row = sum(i.raw_x_bytes for i in sample) / max(rows_total, 1)
         fmt = sample[0].format
         rate = base.per_format("x_bytes_per_s", fmt)
-        big = int(min(rows_total, max(400, 0.15 * budget_s * rate / max(bytes_per_row, 1))))
-        small = max(1, big // 4)
-        chunk = max(1, min(1000, small // 8))
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
         s.run(one)  # a process's first dataset also pays one-time costs (measured in a fresh process instead)
         t_many, t_one = s.run(many), s.run(one)
+        # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
+        target = max(0.15 * budget_s, 3 * t_many.seconds) * rate
+        big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
+        small = max(1, big // 4)
+        chunk = max(1, min(1000, small // 8))
         t_big = s.run(s.plan(chunk, big), disk=True)
         arrays = np.mean([_arrays_per_range(i) for i in sample])
         ranges = 0.1 * budget_s / base.per_format("read_call_s", fmt) / arrays  # about 0.1 budget_s of calls
