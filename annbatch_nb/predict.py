@@ -1,10 +1,15 @@
 """Predicted peak memory, wall time and output size of a plan, and the calibration behind them.
 
-The memory model is the engine's own buffer accounting (:mod:`annbatch_nb.engine` allocates exactly these
-buffers, per output dataset, reused across datasets), plus what the plan and the open sources hold for the
-whole run, plus the interpreter's baseline. The time model is a throughput model whose rates
-(:class:`Calibration`) are measured on the user's own files by :func:`calibrate` (a few seconds) and cached
-per machine and inputs; without a calibration, rates measured on a 2-core reference machine are used.
+Memory mirrors the engine's own buffer accounting (:func:`dataset_memory`: the buffers that
+:func:`annbatch_nb.engine.write_dataset` allocates for one output dataset, reused across datasets), plus what
+a run holds throughout (:func:`run_memory`: scanned inputs and plan, per cell), plus the interpreter's
+baseline; with several worker processes, the processes' sum. Time is a sum of counted costs
+(:func:`predict_time`): per byte of X streamed through the engine, per read call, per obs row, per dataset,
+per input a dataset reads, per input opened, per run; with worker processes, their start and the datasets
+dealt over them. The costs (:class:`Calibration`) are fitted by :func:`calibrate` to datasets the engine
+writes from the user's own files (a few seconds, cached per machine and inputs); without a calibration,
+typical values of a 2-core reference machine are used. Predictions assume the workers ``workers="auto"`` will
+use (:func:`auto_workers`, which the engine calls).
 """
 
 from __future__ import annotations
@@ -32,11 +37,17 @@ __all__ = [
     "Calibration",
     "MemoryPrediction",
     "TimePrediction",
+    "auto_workers",
     "cached_calibration",
     "calibrate",
+    "dataset_memory",
+    "dataset_seconds",
+    "peak_rss_bytes",
     "predict_memory",
     "predict_output_bytes",
     "predict_time",
+    "rows_for_memory",
+    "run_memory",
 ]
 
 #: Elements the engine gathers per step (mirrors ``engine._GATHER_ELEMS``).
@@ -91,19 +102,19 @@ class Calibration:
         ``"default"`` (reference machine) or ``"measured"``.
     """
 
-    x_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 1.2e8, "zarr": 4.0e7})
-    read_call_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 2.5e-4, "zarr": 1.5e-3})
+    x_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 1.4e8, "zarr": 1.0e8})
+    read_call_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 2.5e-4, "zarr": 2e-3})
     obs_rows_per_s: float = 1.0e6
-    dataset_s: float = 0.15
-    dataset_input_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.03, "zarr": 0.15})
-    input_open_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.002, "zarr": 0.02})
-    run_s: float = 0.25
+    dataset_s: float = 0.2
+    dataset_input_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.02, "zarr": 0.02})
+    input_open_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.002, "zarr": 0.01})
+    run_s: float = 0.05
     fault_bytes_per_s: float = 3.0e9
-    compression_ratio: float = 0.45
-    process_start_s: float = 1.5
+    compression_ratio: float = 0.48
+    process_start_s: float = 2.0
     parallel_efficiency: float = 0.85
-    baseline_rss_bytes: int = 205_000_000
-    import_rss_bytes: int = 175_000_000
+    baseline_rss_bytes: int = 170_000_000
+    import_rss_bytes: int = 163_000_000
     cell_bytes: float = 0.0
     source: str = "default"
 
@@ -895,11 +906,11 @@ def _calibrate_format(
 ) -> dict[str, float]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
-    Datasets written: ten rows from one input (twice: the first pays one-time costs), ten rows from each
-    input (with the previous, the per-dataset and per-input fixed costs), a large
-    one (mostly per-byte cost) and a quarter of it cut into runs a few rows long (mostly per-call cost); the
-    short ones are repeated while the budget lasts, and the best kept. The model's counts of each are known;
-    the four costs are their non-negative least-squares fit, in relative error.
+    Datasets written: ten rows from one input (twice: the first pays one-time costs), ten rows from each input
+    (with the previous, the per-dataset and per-input fixed costs), a large one (mostly per-byte cost) and a
+    quarter of it cut into runs a few rows long (mostly per-call cost); all four are repeated while the budget
+    lasts (up to three times), and the best of each kept. The model's counts of each are known; the four costs
+    are their non-negative least-squares fit, in relative error.
     """
     started = time.perf_counter()
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
@@ -914,20 +925,25 @@ def _calibrate_format(
         s.run(one)  # a process's first dataset also pays one-time costs (measured in a fresh process instead)
         t_many, t_one = s.run(many), s.run(one)
         # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
-        target = max(0.15 * budget_s, 3 * t_many.seconds) * rate
+        target = max(0.1 * budget_s, 3 * t_many.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         small = max(1, big // 4)
         chunk = max(1, min(1000, small // 8))
-        t_big = s.run(s.plan(chunk, big), disk=True)
+        large = s.plan(chunk, big)
+        t_big = s.run(large, disk=True)
+        ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
         arrays = np.mean([_arrays_per_range(i) for i in sample])
         ranges = 0.1 * budget_s / base.per_format("read_call_s", fmt) / arrays  # about 0.1 budget_s of calls
         few = int(max(1, min(chunk, small // max(ranges, 1))))
-        t_calls = s.run(s.plan(few, small))
-        for _ in range(2):  # the best of up to three, within the budget: these are short and noisy
+        calls = s.plan(few, small)
+        t_calls = s.run(calls)
+        for _ in range(2):  # the best of up to three of each, within the budget: other programs add noise
             if time.perf_counter() - started > budget_s:
                 break
             t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
             t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
+            t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
+            t_calls = min(t_calls, s.run(calls), key=lambda t: t.seconds)
         open_s = s.open_s
     finally:
         s.close()
@@ -942,7 +958,7 @@ def _calibrate_format(
         "input_open_s": open_s,
         "dataset_s": dataset_s,
         "dataset_input_s": per_input,
-        "compression_ratio": t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0,
+        "compression_ratio": ratio,
         "weight": t_big.bytes,
     }
 

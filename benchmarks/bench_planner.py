@@ -163,6 +163,7 @@ def run_grid(
                     "busy_error": tim.seconds / busy - 1,
                     "load": m["load"],
                     "calibration_s": cal_s,
+                    "calibration": cal.to_dict(),
                 }
             )
             r = rows[-1]

@@ -245,3 +245,16 @@ def test_cli_plan_json_has_predictions(demo: list[str], capsys: pytest.CaptureFi
     for key in ("n_obs", "n_datasets", "peak_memory_bytes", "seconds", "output_bytes", "quality"):
         assert key in out
     assert out["peak_memory_bytes"] > 0 and out["seconds"] > 0 and 0 <= out["quality"] <= 1
+
+
+def test_zarr_reads_hold_their_largest_range() -> None:
+    from annbatch_nb.predict import ZARR_READ_BYTES
+
+    h5ad = _one_input()
+    zarr = _one_input()
+    zarr[0].format, zarr[0].reader = "zarr", "zarr"
+    params = Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0)
+    a, b = build_plan(h5ad, params, CAL), build_plan(zarr, params, CAL)
+    # ten runs of 100 rows coalesce into one range of 1000 rows: its data (float32) and int32 indices are
+    # read into a new array, then copied into the buffer; h5py reads straight into the buffer
+    assert b.memory.dataset_bytes - a.memory.dataset_bytes == 1000 * 10 * (4 + 4) + ZARR_READ_BYTES
