@@ -212,8 +212,11 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     range_bytes = range_rows * temp_row[r[new_range, 0]]
     table["read_temp"] = np.zeros(kd)
     np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
-    table["zarr_reader"] = np.zeros(kd)
-    np.maximum.at(table["zarr_reader"], ks[new_range], (temp_row[r[new_range, 0]] > 0).astype(np.float64))
+    decode = np.array(
+        [min(ZARR_READ_BYTES, 0.5 * i.raw_x_bytes) if c else 0.0 for i, c in zip(infos, copies, strict=True)]
+    )
+    table["read_decode"] = np.zeros(kd)
+    np.maximum.at(table["read_decode"], ks[new_range], decode[r[new_range, 0]])
     plan._cache["dataset_table"] = table
     return table
 
@@ -294,7 +297,7 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     - five int64 row vectors (counts, row nnz, permutation, output nnz, output indptr).
     - reading a zarr (or virtual h5ad) input: the largest contiguous range's data and indices as a temporary
       array (``Source._read_range`` returns new arrays; h5py reads straight into the buffer), plus
-      :data:`ZARR_READ_BYTES` of zarr's decode buffers.
+      zarr's decode buffers (:data:`ZARR_READ_BYTES`, at most half the input's raw X).
     """
     t = _dataset_table(plan)
     rows, nnz = t["rows"], t["nnz"]
@@ -313,7 +316,7 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
         scratch = plan.params.n_obs_per_chunk * row_bytes
         shard_rows = np.minimum(_shard_rows(plan), rows)
         shard = shard_rows * row_bytes * calibration.compression_ratio * 1.5
-    read = t["read_temp"] + t["zarr_reader"] * ZARR_READ_BYTES
+    read = t["read_temp"] + t["read_decode"]
     return buffer + scratch + shard + obs + perm_and_pointers + read
 
 
