@@ -781,13 +781,17 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
 
 
 def _fault_rate() -> float:
-    """Bytes per second of touching freshly allocated memory (the best of three)."""
-    n = 16 << 20
+    """Bytes per second of first touching memory as numpy allocates large buffers (the best of two).
+
+    128 MB: above glibc's largest mmap threshold (so the pages are new, not reused heap), and large enough for
+    numpy to ask for huge pages, whose compaction on a fragmented machine is most of the cost.
+    """
+    n = 128 << 20
     best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
+    for _ in range(2):
+        t = _clock()
         a = np.ones(n, dtype=np.uint8)
-        best = min(best, time.perf_counter() - t)
+        best = min(best, _busy_seconds(t))
         del a
     return n / max(best, 1e-6)
 
