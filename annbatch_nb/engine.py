@@ -876,8 +876,6 @@ def _open_for_plan(plan: Plan) -> list[Source]:
 # --------------------------------------------------------------------------------------------------
 # Several processes
 # --------------------------------------------------------------------------------------------------
-#: Seconds below which a run is predicted too short to pay for starting worker processes.
-_PARALLEL_MIN_SECONDS = 4.0
 #: State of a worker process (set by its initializer).
 _WORKER: dict[str, Any] = {}
 
@@ -890,21 +888,10 @@ def resolve_workers(workers: int | str, plan: Plan, n_todo: int) -> int:
     ParameterError
         For anything but a positive whole number or ``"auto"``.
     """
-    if workers == "auto":
-        if n_todo <= 1 or plan.seconds < _PARALLEL_MIN_SECONDS:  # too short to pay for starting processes
-            return 1
-        import psutil
+    if workers == "auto":  # the planner's rule, so that its predictions assume what runs
+        from .predict import auto_workers
 
-        mem = plan.memory
-        budget = (
-            psutil.virtual_memory().total * plan.params.memory_fraction - mem.baseline_bytes - mem.run_bytes
-        )
-        per_worker = mem.baseline_bytes + mem.run_bytes + mem.dataset_bytes
-        by_memory = max(1, int(budget // max(per_worker, 1)))
-        # each process already keeps encode_threads() CPUs busy within its dataset (reads, gather, Blosc):
-        # more processes only pay on machines with CPUs to spare, and each holds one more dataset
-        by_cpus = max(1, (os.cpu_count() or 1) // encode_threads())
-        return max(1, min(by_cpus, n_todo, by_memory))
+        return auto_workers(plan, n_todo)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ParameterError(f"workers must be a positive whole number or 'auto', got {workers!r}")
     return min(workers, max(n_todo, 1))

@@ -664,11 +664,13 @@ class Plan:
         """One human-readable line."""
         raw = format_bytes(int(self.raw_bytes_per_row() * self.n_obs))
         mean_rows = int(self.rows_per_dataset.mean())
+        procs = f" with {self.time.workers} processes" if self.time.workers > 1 else ""
         return (
             f"{self.n_obs:,} cells x {self.n_vars:,} genes ({self.x_kind}, {self.dtype.name}, {raw} raw) "
             f"from {len(self.inputs)} input(s) -> {self.n_datasets} dataset(s) of ~{mean_rows:,} rows, "
             f"runs of {self.params.shuffle_chunk_size:,}, seed {self.params.seed}; predicted peak "
-            f"{format_bytes(self.peak_memory_bytes)}, ~{self.seconds:.0f} s, quality {self.quality.score:.2f}"
+            f"{format_bytes(self.peak_memory_bytes)}, ~{self.seconds:.0f} s{procs}, "
+            f"quality {self.quality.score:.2f}"
         )
 
     def run(self, output: str | os.PathLike[str], *, progress: bool = True, **kwargs: Any) -> ShuffleResult:

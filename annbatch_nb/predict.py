@@ -1,21 +1,27 @@
 """Predicted peak memory, wall time and output size of a plan, and the calibration behind them.
 
-The memory model is the engine's own buffer accounting (:mod:`annbatch_nb.engine` allocates exactly these
-buffers, per output dataset, reused across datasets), plus what the plan and the open sources hold for the
-whole run, plus the interpreter's baseline. The time model is a throughput model whose rates
-(:class:`Calibration`) are measured on the user's own files by :func:`calibrate` (a few seconds) and cached
-per machine and inputs; without a calibration, rates measured on a 2-core reference machine are used.
+Memory mirrors the engine's own buffer accounting (:func:`dataset_memory`: the buffers that
+:func:`annbatch_nb.engine.write_dataset` allocates for one output dataset, reused across datasets), plus what
+a run holds throughout (:func:`run_memory`: scanned inputs and plan, per cell), plus the interpreter's
+baseline; with several worker processes, the processes' sum. Time is a sum of counted costs
+(:func:`predict_time`): per byte of X streamed through the engine, per read call, per obs row, per dataset,
+per input a dataset reads, per input opened, per run; with worker processes, their start and the datasets
+dealt over them. The costs (:class:`Calibration`) are fitted by :func:`calibrate` to datasets the engine
+writes from the user's own files (a few seconds, cached per machine and inputs); without a calibration,
+typical values of a 2-core reference machine are used. Predictions assume the workers ``workers="auto"`` will
+use (:func:`auto_workers`, which the engine calls).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,56 +37,89 @@ __all__ = [
     "Calibration",
     "MemoryPrediction",
     "TimePrediction",
+    "auto_workers",
     "cached_calibration",
     "calibrate",
+    "dataset_memory",
+    "dataset_seconds",
+    "peak_rss_bytes",
     "predict_memory",
     "predict_output_bytes",
     "predict_time",
+    "rows_for_memory",
+    "run_memory",
 ]
 
 #: Elements the engine gathers per step (mirrors ``engine._GATHER_ELEMS``).
 GATHER_ELEMS = 1 << 21
+#: zarr's decode buffers while reading an input (several compressed chunks fetched and decoded at once): an
+#: estimate from measured peaks (zarr inputs' peaks were 20-40 MB above h5ad inputs' of the same data).
+ZARR_READ_BYTES = 20_000_000
+#: While one worker process is at its peak, the others are elsewhere in their datasets (reading, writing): on
+#: average at this share of their dataset's buffers (measured with two workers: the processes' summed peak
+#: was 8-13 % below the sum of their peaks).
+OTHER_WORKERS_DATASET_SHARE = 0.6
 #: Python's per-object cost of a short ``str`` (header), plus one pointer to it.
 _STR_OVERHEAD = 49 + 8
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Rates of this machine on these inputs.
+    """Costs of this machine on these inputs: what the time and memory models multiply their counts by.
+
+    Per-format entries are keyed by input format (``h5ad``, ``zarr``); an unknown format uses the slowest.
 
     Attributes
     ----------
-    read_bytes_per_s
-        Reading X from inputs, by input format (``h5ad``, ``zarr``).
+    x_bytes_per_s
+        Streaming rate of one dataset's X through the engine (read, column remap, row gather, compression,
+        write), per uncompressed input byte of X (CSR: data + indices), by input format.
     read_call_s
-        Fixed cost of one coalesced read call.
-    gather_elems_per_s
-        Permuting CSR entries (row gather).
-    compress_bytes_per_s
-        Blosc lz4 compression of X.
+        Fixed cost of one read call on one array (X ``data``/``indices``, an obs column), by input format.
+        The engine reads each contiguous range of rows once per array.
+    obs_rows_per_s
+        Reading, assembling and writing obs and cell names, per row.
+    dataset_s
+        Fixed cost per output dataset (arrays and frames created, completion record).
+    dataset_input_s
+        Fixed cost per input a dataset reads from (obs nodes looked up, per-input bookkeeping).
+    input_open_s
+        Opening one input for a run, by input format.
+    run_s
+        Fixed cost per run (output opened, lock, manifest, commit; the first dataset's one-time costs).
+    fault_bytes_per_s
+        First touch of freshly allocated memory (page faults), paid once per run for the reused buffers.
     compression_ratio
         Compressed / raw bytes of X.
-    write_bytes_per_s
-        Writing compressed bytes to the output store.
-    dataset_overhead_s
-        Fixed cost per output dataset (metadata, obs/var encoding, completion record).
-    obs_rows_per_s
-        Reading, assembling and writing obs, per row.
+    process_start_s
+        Starting one worker process (interpreter and imports).
+    parallel_efficiency
+        Speed of each of ``n`` worker processes relative to one process alone (memory bandwidth, caches).
     baseline_rss_bytes
-        Resident memory of a Python process with annbatch-nb imported.
+        Peak resident memory of a fresh process that imported annbatch-nb and ran a tiny shuffle.
+    import_rss_bytes
+        Resident memory of a fresh process with annbatch-nb imported (the forkserver, an idle worker).
+    cell_bytes
+        Resident memory a run holds per cell for its whole length (scanned inputs, plan, open inputs),
+        measured on these inputs; 0: estimated from the cell names (see :func:`run_memory`).
     source
         ``"default"`` (reference machine) or ``"measured"``.
     """
 
-    read_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 1.2e9, "zarr": 3.0e8})
-    read_call_s: float = 6e-5
-    gather_elems_per_s: float = 2.5e8
-    compress_bytes_per_s: float = 5.0e8
-    compression_ratio: float = 0.45
-    write_bytes_per_s: float = 6.0e8
-    dataset_overhead_s: float = 0.35
-    obs_rows_per_s: float = 2.0e6
-    baseline_rss_bytes: int = 230_000_000
+    x_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 1.4e8, "zarr": 1.0e8})
+    read_call_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 2.5e-4, "zarr": 2e-3})
+    obs_rows_per_s: float = 1.0e6
+    dataset_s: float = 0.2
+    dataset_input_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.02, "zarr": 0.02})
+    input_open_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.002, "zarr": 0.01})
+    run_s: float = 0.05
+    fault_bytes_per_s: float = 3.0e9
+    compression_ratio: float = 0.48
+    process_start_s: float = 2.0
+    parallel_efficiency: float = 0.85
+    baseline_rss_bytes: int = 170_000_000
+    import_rss_bytes: int = 163_000_000
+    cell_bytes: float = 0.0
     source: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,13 +128,21 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_dict` (unknown keys ignored)."""
+        """Inverse of :meth:`to_dict` (unknown keys ignored; a dict of another layout gives the defaults)."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        default = cls()
+        for k, v in list(known.items()):  # a cache written by an older version: keep only what fits
+            if isinstance(getattr(default, k), dict) != isinstance(v, dict):
+                del known[k]
         return cls(**known)
 
-    def read_rate(self, fmt: str) -> float:
-        """Read rate for an input format (the slowest known rate for an unknown format)."""
-        return self.read_bytes_per_s.get(fmt, min(self.read_bytes_per_s.values()))
+    def per_format(self, name: str, fmt: str) -> float:
+        """The entry of per-format field ``name`` for ``fmt`` (for an unknown format, the slowest)."""
+        table: dict[str, float] = getattr(self, name)
+        if fmt in table:
+            return table[fmt]
+        worst = min if name == "x_bytes_per_s" else max
+        return worst(table.values())
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -104,8 +151,20 @@ DEFAULT_CALIBRATION = Calibration()
 # --------------------------------------------------------------------------------------------------
 # Per-dataset quantities from the plan (no I/O)
 # --------------------------------------------------------------------------------------------------
+def _arrays_per_range(info: SourceInfo) -> int:
+    """Arrays the engine reads once per contiguous row range of ``info``: X's, then each obs column's."""
+    n = 2 if info.x_kind == "csr" else 1
+    for spec in info.obs_columns.values():
+        n += 2 if spec.kind in ("nullable-integer", "nullable-boolean") else 1
+    return n
+
+
 def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
-    """Rows, estimated entries, input bytes and read calls of every dataset."""
+    """Per dataset: rows, estimated entries, inputs read, and per input format the raw X bytes and read calls.
+
+    Read calls count each contiguous row range of one input (runs that touch coalesce) once per array read
+    from it (see :func:`_arrays_per_range`).
+    """
     if "dataset_table" in plan._cache:
         return plan._cache["dataset_table"]
     runs = plan.runs
@@ -113,31 +172,55 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     infos = plan.inputs
     nnz_per_row = np.array([i.nnz / max(i.n_obs, 1) for i in infos])
     bytes_per_row = np.array([i.raw_x_bytes / max(i.n_obs, 1) for i in infos])
+    arrays = np.array([_arrays_per_range(i) for i in infos], dtype=np.float64)
     k = plan.run_dataset
     kd = plan.n_datasets
     nnz = np.bincount(k, weights=lengths * nnz_per_row[runs[:, 0]], minlength=kd)
-    in_bytes = np.bincount(k, weights=lengths * bytes_per_row[runs[:, 0]], minlength=kd)
-    # reads: runs of one dataset that touch in their input coalesce into one call
+    # reads: runs of one dataset that touch in their input coalesce into one range
     order = np.lexsort((runs[:, 1], runs[:, 0], k))
     r = runs[order]
     ks = k[order]
-    new_call = np.ones(len(r), dtype=bool)
-    new_call[1:] = ~((ks[1:] == ks[:-1]) & (r[1:, 0] == r[:-1, 0]) & (r[1:, 1] == r[:-1, 2]))
-    calls = np.bincount(ks[new_call], minlength=kd).astype(np.float64)
-    fmt_bytes: dict[str, np.ndarray] = {}
-    for j, info in enumerate(infos):
-        sel = runs[:, 0] == j
-        w = np.bincount(k[sel], weights=lengths[sel] * bytes_per_row[j], minlength=kd)
-        fmt_bytes[info.format] = fmt_bytes.get(info.format, np.zeros(kd)) + w
-    max_row = max((i.n_vars for i in infos), default=0)
-    table = {
+    new_range = np.ones(len(r), dtype=bool)
+    new_range[1:] = ~((ks[1:] == ks[:-1]) & (r[1:, 0] == r[:-1, 0]) & (r[1:, 1] == r[:-1, 2]))
+    new_input = np.ones(len(r), dtype=bool)
+    new_input[1:] = (ks[1:] != ks[:-1]) | (r[1:, 0] != r[:-1, 0])
+    table: dict[str, np.ndarray] = {
         "rows": plan.rows_per_dataset.astype(np.float64),
         "nnz": nnz,
-        "in_bytes": in_bytes,
-        "calls": calls,
-        "max_row": np.array([float(max_row)]),
-        **{f"bytes_{f}": v for f, v in fmt_bytes.items()},
+        "inputs": np.bincount(ks[new_input], minlength=kd).astype(np.float64),
     }
+    formats = np.array([i.format for i in infos])
+    for fmt in sorted(set(formats.tolist())):
+        sel = formats[runs[:, 0]] == fmt
+        table[f"bytes_{fmt}"] = np.bincount(
+            k[sel], weights=lengths[sel] * bytes_per_row[runs[sel, 0]], minlength=kd
+        )
+        table[f"inputs_{fmt}"] = np.bincount(ks[new_input & (formats[r[:, 0]] == fmt)], minlength=kd).astype(
+            np.float64
+        )
+        hit = new_range & (formats[r[:, 0]] == fmt)
+        table[f"calls_{fmt}"] = np.bincount(ks[hit], weights=arrays[r[hit, 0]], minlength=kd)
+    # largest contiguous range read from an input whose reader returns a new array (zarr, virtual h5ad), which
+    # the engine then copies into its buffer: a temporary of the range's data and indices
+    copies = [i.reader in ("zarr", "virtual") or (not i.reader and i.format == "zarr") for i in infos]
+    temp_row = np.array(
+        [
+            (i.nnz / max(i.n_obs, 1)) * (i.dtype.itemsize + 4) if c else 0.0
+            for i, c in zip(infos, copies, strict=True)
+        ]
+    )
+    if i_dense := [j for j, i in enumerate(infos) if i.x_kind == "dense" and copies[j]]:
+        temp_row[i_dense] = [infos[j].n_vars * infos[j].dtype.itemsize for j in i_dense]
+    range_id = np.cumsum(new_range) - 1
+    range_rows = np.bincount(range_id, weights=(r[:, 2] - r[:, 1]).astype(np.float64))
+    range_bytes = range_rows * temp_row[r[new_range, 0]]
+    table["read_temp"] = np.zeros(kd)
+    np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
+    decode = np.array(
+        [min(ZARR_READ_BYTES, 0.5 * i.raw_x_bytes) if c else 0.0 for i, c in zip(infos, copies, strict=True)]
+    )
+    table["read_decode"] = np.zeros(kd)
+    np.maximum.at(table["read_decode"], ks[new_range], decode[r[new_range, 0]])
     plan._cache["dataset_table"] = table
     return table
 
@@ -168,18 +251,28 @@ def _mean_name_len(infos: list[SourceInfo]) -> float:
 class MemoryPrediction:
     """Predicted peak resident memory of a run, with its parts.
 
+    With one process (``workers == 1``) the peak is ``baseline + run + dataset``. With ``n`` worker processes
+    it is the sum over the processes: the parent and the forkserver (``import_bytes + run_bytes`` and
+    ``import_bytes``), one worker at its peak ``baseline + run + dataset`` and ``n - 1`` others at ``baseline
+    + run`` plus :data:`OTHER_WORKERS_DATASET_SHARE` of ``dataset`` (their datasets are at other stages);
+    shared library pages count once per process, as the processes' resident sizes add up.
+
     Attributes
     ----------
     peak_bytes
         The prediction.
     baseline_bytes
-        Interpreter and libraries.
+        Interpreter and libraries after a tiny shuffle (per process that writes datasets).
     run_bytes
-        Held for the whole run: cell names, each CSR input's row pointers.
+        Held for the whole run by each process: cell names, each CSR input's row pointers.
     dataset_bytes
         The largest dataset's buffers (read buffer, permutation, obs, gather scratch, one compressed shard).
     worst_dataset
         Which dataset that is.
+    workers
+        Processes writing datasets that the prediction assumes (what ``workers="auto"`` will use).
+    process_bytes
+        Peak of one process writing datasets: ``baseline + run + dataset``.
     """
 
     peak_bytes: int
@@ -187,6 +280,8 @@ class MemoryPrediction:
     run_bytes: int
     dataset_bytes: int
     worst_dataset: int
+    workers: int = 1
+    process_bytes: int = 0
 
     def to_dict(self) -> dict[str, int]:
         """JSON-able form."""
@@ -194,25 +289,57 @@ class MemoryPrediction:
 
 
 def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> np.ndarray:
-    """Bytes the engine holds while writing each dataset (the buffers of ``engine.write_dataset``)."""
+    """Bytes the engine holds while writing each dataset (the buffers of ``engine.write_dataset``).
+
+    Mirrors, per dataset of ``rows`` rows and ``nnz`` entries (``it``: output itemsize):
+
+    - CSR read buffer (``BufferPool`` ``data``/``indices``/``indptr``): ``nnz * (it + 4) + (rows + 1) * 4``;
+      dense: ``rows * n_vars * it``.
+    - gather scratch (``gather_data:<slot>``/``gather_indices:<slot>``), one set per encoding thread
+      (:func:`~annbatch_nb.engine.encode_threads`): the touched part, ``min(GATHER_ELEMS, nnz)`` plus two of
+      the longest rows, ``* (it + 4)``; dense: one zarr chunk of rows per thread.
+    - one shard's compressed chunks, held until the shard is stored (no joined copy):
+      ``shard entries * (it + index itemsize) * ratio``, plus the blocks in flight (two per thread).
+    - obs: three row-sized copies of the columns (pieces, frame, permuted frame) and the names' pointers.
+    - five int64 row vectors (counts, row nnz, permutation, output nnz, output indptr).
+    - reading a zarr (or virtual h5ad) input: the largest contiguous range's data and indices as a temporary
+      array (``Source._read_range`` returns new arrays; h5py reads straight into the buffer), plus
+      zarr's decode buffers (:data:`ZARR_READ_BYTES`, at most half the input's raw X).
+    """
     t = _dataset_table(plan)
     rows, nnz = t["rows"], t["nnz"]
     it = plan.dtype.itemsize
-    obs = rows * _obs_row_bytes(plan) * 3 + rows * 8  # pieces, assembled frame, permuted copy; names
-    perm_and_pointers = rows * 8 * 5  # counts, row nnz, permutation, output nnz, output indptr
+    obs = rows * _obs_row_bytes(plan) * 3 + rows * 8
+    perm_and_pointers = rows * 8 * 5
+    from .engine import encode_threads  # imported here: the engine imports this module
+
+    threads = encode_threads()
     if plan.x_kind == "csr":
         buffer = nnz * (it + 4) + (rows + 1) * 4
-        # the gather block is allocated once but only the part a dataset uses is ever touched (resident)
-        scratch = (np.minimum(GATHER_ELEMS, nnz) + 2 * t["max_row"][0]) * (it + 4)
-        shard_elems = np.minimum(_shard_elems(plan), nnz)
-        shard = shard_elems * (it + plan.index_dtype.itemsize) * calibration.compression_ratio * 1.5
+        max_row = max((i.n_vars for i in plan.inputs), default=0)
+        scratch = threads * (np.minimum(GATHER_ELEMS, nnz) + 2 * max_row) * (it + 4)
+        entry = (it + plan.index_dtype.itemsize) * calibration.compression_ratio
+        shard = (
+            np.minimum(_shard_elems(plan), nnz) * entry + 2 * threads * np.minimum(GATHER_ELEMS, nnz) * entry
+        )
     else:
         row_bytes = plan.n_vars * it
         buffer = rows * row_bytes
-        scratch = plan.params.n_obs_per_chunk * row_bytes
+        scratch = threads * plan.params.n_obs_per_chunk * row_bytes
         shard_rows = np.minimum(_shard_rows(plan), rows)
-        shard = shard_rows * row_bytes * calibration.compression_ratio * 1.5
-    return buffer + scratch + shard + obs + perm_and_pointers
+        shard = shard_rows * row_bytes * calibration.compression_ratio
+    read = t["read_temp"] + t["read_decode"]
+    return buffer + scratch + shard + obs + perm_and_pointers + read
+
+
+def _pool_bytes(plan: Plan) -> float:
+    """Bytes of the engine's reused buffers (``BufferPool``) at the largest dataset (first touched once)."""
+    t = _dataset_table(plan)
+    it = plan.dtype.itemsize
+    if plan.x_kind == "csr":
+        nnz = float(t["nnz"].max()) if len(t["nnz"]) else 0.0
+        return nnz * (it + 4) + min(GATHER_ELEMS, nnz) * (it + 4)
+    return float(t["rows"].max()) * plan.n_vars * it if len(t["rows"]) else 0.0
 
 
 def _shard_elems(plan: Plan) -> int:
@@ -227,15 +354,25 @@ def _shard_rows(plan: Plan) -> int:
     return max(1, int(plan.params.shard_size) // max(row_bytes * chunk_rows, 1)) * chunk_rows
 
 
-def run_memory(plan: Plan) -> int:
-    """Bytes held for the whole run: cell names (plan and sources) and CSR inputs' row pointers."""
+def run_memory(plan: Plan, calibration: Calibration | None = None) -> int:
+    """Bytes held for the whole run: the scanned inputs and the plan (cell names above all), open inputs.
+
+    Measured per cell on the user's inputs by :func:`calibrate` (``cell_bytes``); otherwise estimated as
+    each cell name's string object and its pointers in the inputs' and the plan's name lists, plus each CSR
+    input's row pointers.
+    """
+    c = calibration or plan.calibration
+    if c.cell_bytes > 0:
+        return int(c.cell_bytes * plan.n_obs)
     n = plan.n_obs
     names = n * (2 * 8 + _STR_OVERHEAD + _mean_name_len(plan.inputs))
     indptr = sum((i.n_obs + 1) * 8 for i in plan.inputs if i.x_kind == "csr")
     return int(names + indptr)
 
 
-def predict_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> MemoryPrediction:
+def predict_memory(
+    plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION, workers: int | None = None
+) -> MemoryPrediction:
     """Predict the peak resident memory of executing ``plan``.
 
     Parameters
@@ -244,6 +381,8 @@ def predict_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
         The plan.
     calibration
         Rates and baseline of this machine.
+    workers
+        Processes writing datasets; default: what ``workers="auto"`` resolves to (:func:`auto_workers`).
 
     Returns
     -------
@@ -253,10 +392,21 @@ def predict_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     per_dataset = dataset_memory(plan, calibration)
     worst = int(np.argmax(per_dataset)) if len(per_dataset) else 0
     ds = int(per_dataset[worst]) if len(per_dataset) else 0
-    run = run_memory(plan)
+    run = run_memory(plan, calibration)
     base = int(calibration.baseline_rss_bytes)
+    n = auto_workers(plan, plan.n_datasets, calibration) if workers is None else max(1, int(workers))
+    n = min(n, max(plan.n_datasets, 1))
+    process = base + run + ds
+    others = (n - 1) * (base + run + OTHER_WORKERS_DATASET_SHARE * ds)
+    peak = process if n == 1 else int(2 * calibration.import_rss_bytes + run + process + others)
     return MemoryPrediction(
-        peak_bytes=base + run + ds, baseline_bytes=base, run_bytes=run, dataset_bytes=ds, worst_dataset=worst
+        peak_bytes=peak,
+        baseline_bytes=base,
+        run_bytes=run,
+        dataset_bytes=ds,
+        worst_dataset=worst,
+        workers=n,
+        process_bytes=process,
     )
 
 
@@ -279,19 +429,24 @@ def rows_for_memory(
     int
         Rows per dataset the budget allows (0 if not even the fixed part fits); not capped at the input size.
     """
+    from .engine import encode_threads  # imported here: the engine imports this module
+
     p = infos_plan
-    base = calibration.baseline_rss_bytes + run_memory(p)
+    threads = encode_threads()
+    base = calibration.baseline_rss_bytes + run_memory(p, calibration)
     it = p.dtype.itemsize
     per_row = _obs_row_bytes(p) * 3 + 8 + 40
-    if p.x_kind == "csr":
+    if p.x_kind == "csr":  # as dataset_memory, for a dataset of more than GATHER_ELEMS entries
         nnz_row = p.mean_nnz_per_row
+        entry = (it + p.index_dtype.itemsize) * calibration.compression_ratio
         per_row += nnz_row * (it + 4) + 4
-        per_row += nnz_row * (it + p.index_dtype.itemsize) * calibration.compression_ratio * 1.5
-        fixed = (GATHER_ELEMS + 2 * max(i.n_vars for i in p.inputs)) * (it + 4)
+        per_row += nnz_row * entry
+        fixed = threads * (GATHER_ELEMS + 2 * max(i.n_vars for i in p.inputs)) * (it + 4)
+        fixed += 2 * threads * GATHER_ELEMS * entry
     else:
         row_bytes = p.n_vars * it
-        per_row += row_bytes * (1 + calibration.compression_ratio * 1.5)
-        fixed = p.params.n_obs_per_chunk * row_bytes
+        per_row += row_bytes * (1 + calibration.compression_ratio)
+        fixed = threads * p.params.n_obs_per_chunk * row_bytes
     rows = (budget_bytes - base - fixed) / per_row
     return int(max(0, min(rows, 2**62)))
 
@@ -303,25 +458,123 @@ def rows_for_memory(
 class TimePrediction:
     """Predicted wall time, with its parts (seconds).
 
+    The parts are serial seconds (one process). With ``workers > 1`` the datasets run side by side:
+    ``seconds = startup + makespan`` (see :func:`predict_time`), less than ``serial_seconds``.
+
     Attributes
     ----------
     seconds
-        The prediction.
-    read, gather, compress, write, obs, overhead
-        Its parts.
+        The prediction for ``workers`` processes.
+    x
+        Streaming X through the engine (per byte).
+    calls
+        Read calls (per contiguous row range and array).
+    obs
+        obs and cell names (per row).
+    overhead
+        Fixed costs: per run, per input opened, per dataset, per input a dataset reads, buffers' first touch.
+    serial_seconds
+        The prediction for one process (the sum of the parts).
+    workers
+        Processes writing datasets that ``seconds`` assumes (what ``workers="auto"`` will use).
     """
 
     seconds: float
-    read: float
-    gather: float
-    compress: float
-    write: float
+    x: float
+    calls: float
     obs: float
     overhead: float
+    serial_seconds: float = 0.0
+    workers: int = 1
 
     def to_dict(self) -> dict[str, float]:
         """JSON-able form."""
         return asdict(self)
+
+
+#: Seconds below which a run is predicted too short to pay for starting worker processes.
+PARALLEL_MIN_SECONDS = 4.0
+
+
+def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> np.ndarray:
+    """Serial seconds of writing each dataset (fixed, per input read, per read call, per row, per byte)."""
+    t = _dataset_table(plan)
+    c = calibration
+    sec = c.dataset_s + t["rows"] / c.obs_rows_per_s
+    for key, v in t.items():
+        if key.startswith("inputs_"):
+            sec = sec + v * c.per_format("dataset_input_s", key[len("inputs_") :])
+        elif key.startswith("bytes_"):
+            sec = sec + v / c.per_format("x_bytes_per_s", key[len("bytes_") :])
+        elif key.startswith("calls_"):
+            sec = sec + v * c.per_format("read_call_s", key[len("calls_") :])
+    return np.asarray(sec, dtype=np.float64)
+
+
+def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
+    """Opening every input and reading each CSR input's row pointers (once per process), touching buffers."""
+    opens = sum(c.per_format("input_open_s", i.format) for i in plan.inputs)
+    indptr = sum(
+        (i.n_obs + 1) * 8 / c.per_format("x_bytes_per_s", i.format) for i in plan.inputs if i.x_kind == "csr"
+    )
+    return opens + indptr + _pool_bytes(plan) / c.fault_bytes_per_s
+
+
+def _serial_seconds(plan: Plan, c: Calibration) -> float:
+    if c is not plan.calibration:
+        return c.run_s + _process_fixed_seconds(plan, c) + float(dataset_seconds(plan, c).sum())
+    if "serial_seconds" not in plan._cache:
+        plan._cache["serial_seconds"] = _serial_seconds(plan, replace(c))  # a copy: computed, not cached
+    return plan._cache["serial_seconds"]
+
+
+def auto_workers(plan: Plan, n_todo: int, calibration: Calibration | None = None) -> int:
+    """How many processes ``workers="auto"`` writes ``n_todo`` datasets of ``plan`` with.
+
+    One when there is at most one dataset or the run is predicted (for one process) to take less than
+    :data:`PARALLEL_MIN_SECONDS`; else one per :func:`~annbatch_nb.engine.encode_threads` CPUs (a process's
+    threads already use that many), at most the datasets left, within ``memory_fraction`` of this machine's
+    memory (each worker holds one dataset).
+
+    Parameters
+    ----------
+    plan
+        The plan.
+    n_todo
+        Datasets left to write.
+    calibration
+        Rates (default: the plan's).
+
+    Returns
+    -------
+    int
+        Worker processes.
+    """
+    c = calibration or plan.calibration
+    if n_todo <= 1 or _serial_seconds(plan, c) < PARALLEL_MIN_SECONDS:
+        return 1
+    import psutil
+
+    per_dataset = dataset_memory(plan, c)
+    ds = float(per_dataset.max()) if len(per_dataset) else 0.0
+    base, run = float(c.baseline_rss_bytes), float(run_memory(plan, c))
+    budget = psutil.virtual_memory().total * plan.params.memory_fraction - base - run
+    by_memory = max(1, int(budget // max(base + run + ds, 1)))
+    from .engine import encode_threads  # imported here: the engine imports this module
+
+    # each process already keeps encode_threads() CPUs busy within its dataset (reads, gather, Blosc): more
+    # processes only pay on machines with CPUs to spare, and each holds one more dataset
+    by_cpus = max(1, (os.cpu_count() or 1) // encode_threads())
+    return max(1, min(by_cpus, n_todo, by_memory))
+
+
+def _makespan(seconds: np.ndarray, n: int) -> float:
+    """Finish time of tasks handed, in order, to the first free of ``n`` workers (as a process pool does)."""
+    free = np.zeros(n)
+    for s in seconds:
+        j = int(np.argmin(free))
+        free[j] += s
+    return float(free.max()) if n else 0.0
 
 
 def predict_output_bytes(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> int:
@@ -337,8 +590,16 @@ def predict_output_bytes(plan: Plan, calibration: Calibration = DEFAULT_CALIBRAT
     return int(raw * calibration.compression_ratio + extra + obs)
 
 
-def predict_time(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> TimePrediction:
+def predict_time(
+    plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION, workers: int | None = None
+) -> TimePrediction:
     """Predict the wall time of executing ``plan`` on this machine.
+
+    One process: ``run_s + opens + buffers' first touch + sum of dataset seconds`` where a dataset costs
+    ``dataset_s + dataset_input_s * inputs + calls * read_call_s + rows / obs_rows_per_s + bytes /
+    x_bytes_per_s``. With ``n`` workers: the parent's ``run_s + opens``, one process start (the forkserver),
+    each worker's opens and first touch, and the datasets, slowed by ``parallel_efficiency``, dealt in order
+    to the first free worker.
 
     Parameters
     ----------
@@ -346,6 +607,8 @@ def predict_time(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> 
         The plan.
     calibration
         Rates measured by :func:`calibrate` (or the reference machine's).
+    workers
+        Processes writing datasets; default: what ``workers="auto"`` resolves to (:func:`auto_workers`).
 
     Returns
     -------
@@ -354,23 +617,28 @@ def predict_time(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> 
     """
     t = _dataset_table(plan)
     c = calibration
-    read = sum(
-        float(v.sum()) / c.read_rate(k[len("bytes_") :]) for k, v in t.items() if k.startswith("bytes_")
+    x = sum(
+        float(v.sum()) / c.per_format("x_bytes_per_s", k[len("bytes_") :])
+        for k, v in t.items()
+        if k.startswith("bytes_")
     )
-    read += float(t["calls"].sum()) * c.read_call_s * (2 if plan.x_kind == "csr" else 1)
-    if plan.x_kind == "csr":
-        elems = float(t["nnz"].sum())
-        raw_out = elems * (plan.dtype.itemsize + plan.index_dtype.itemsize)
-        gather = elems / c.gather_elems_per_s
-    else:
-        raw_out = float(t["rows"].sum()) * plan.n_vars * plan.dtype.itemsize
-        gather = raw_out / (c.gather_elems_per_s * 4)
-    compress = raw_out / c.compress_bytes_per_s
-    write = raw_out * c.compression_ratio / c.write_bytes_per_s
+    calls = sum(
+        float(v.sum()) * c.per_format("read_call_s", k[len("calls_") :])
+        for k, v in t.items()
+        if k.startswith("calls_")
+    )
     obs = float(t["rows"].sum()) / c.obs_rows_per_s
-    overhead = plan.n_datasets * c.dataset_overhead_s + 0.2
-    total = read + gather + compress + write + obs + overhead
-    return TimePrediction(total, read, gather, compress, write, obs, overhead)
+    per_ds = dataset_seconds(plan, c)
+    fixed = _process_fixed_seconds(plan, c)
+    serial = _serial_seconds(plan, c)
+    overhead = serial - x - calls - obs
+    n = auto_workers(plan, plan.n_datasets, c) if workers is None else max(1, int(workers))
+    n = min(n, max(plan.n_datasets, 1))
+    if n == 1:
+        return TimePrediction(serial, x, calls, obs, overhead, serial, 1)
+    opens = sum(c.per_format("input_open_s", i.format) for i in plan.inputs)
+    seconds = c.run_s + opens + c.process_start_s + fixed + _makespan(per_ds / c.parallel_efficiency, n)
+    return TimePrediction(seconds, x, calls, obs, overhead, serial, n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,7 +652,8 @@ def _cache_dir() -> Path:
 
 
 def _cache_key(infos: list[SourceInfo]) -> str:
-    ident = [socket.gethostname(), os.cpu_count()] + [[i.path, i.size_bytes, i.mtime] for i in infos]
+    ident: list[Any] = [CALIBRATION_VERSION, socket.gethostname(), os.cpu_count()]
+    ident += [[i.path, i.size_bytes, i.mtime] for i in infos]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
 
 
@@ -397,170 +666,336 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
         return None
 
 
-def _timed(fn: Any, *args: Any) -> tuple[float, Any]:
-    t = time.perf_counter()
-    out = fn(*args)
-    return time.perf_counter() - t, out
+#: Seconds per run besides the first dataset's one-time costs: output opened and locked, manifest, commit.
+_RUN_S = 0.05
+#: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
+CALIBRATION_VERSION = 2
 
 
-@dataclass
-class _Sample:
-    """What the read measurements brought back, for the later steps."""
-
-    read_rates: dict[str, list[float]] = field(default_factory=dict)
-    call_costs: list[float] = field(default_factory=list)
-    data: list[np.ndarray] = field(default_factory=list)
-    indices: list[np.ndarray] = field(default_factory=list)
-
-
-def _sample_runs(n_obs: int, rng: np.random.Generator, run: int = 1000, count: int = 8) -> np.ndarray:
-    """Up to ``count`` non-overlapping runs of ``run`` rows at random places, sorted."""
-    run = max(1, min(n_obs, run))
-    slots = max(n_obs // run, 1)
-    picks = np.sort(rng.choice(slots, size=min(count, slots), replace=False)) * run
-    return np.stack([picks, np.minimum(picks + run, n_obs)], axis=1)
+def _vm_kib(field_name: str) -> int | None:
+    """A ``/proc/self/status`` field in bytes (Linux), else None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
-def _measure_reads(infos: list[SourceInfo], rng: np.random.Generator, budget_s: float) -> _Sample:
-    """Read sampled runs from up to three inputs per format, as the engine reads them."""
-    from .sources import InputSpec, open_source
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since it started (exec).
 
-    sample = _Sample()
-    formats = sorted({i.format for i in infos})
-    for fmt in formats:
-        deadline = time.perf_counter() + budget_s / len(formats)
-        for info in sorted((i for i in infos if i.format == fmt), key=lambda i: -i.raw_x_bytes)[:3]:
-            if time.perf_counter() > deadline:
-                break
-            src = open_source(InputSpec(info.path, info.display), info=info)
-            try:
-                runs = _sample_runs(info.n_obs, rng)
-                if info.x_kind == "csr":
-                    _ = src.indptr  # read once, as the engine does
-                    nnz = int(src.run_nnz(runs).sum())
-                    data, idx = np.empty(nnz, dtype=info.dtype), np.empty(nnz, dtype=np.int32)
-                    dt, _ = _timed(src.read_csr_into, runs, data, idx)
-                    nbytes = nnz * (info.dtype.itemsize + 4)
-                    sample.data.append(data)
-                    sample.indices.append(idx)
-                    single = np.stack([np.arange(0, 50, 2), np.arange(1, 51, 2)], axis=1)  # 25 separate rows
-                    single = single[single[:, 1] <= info.n_obs]
-                    m = int(src.run_nnz(single).sum())
-                    dt1, _ = _timed(src.read_csr_into, single, np.empty(m, info.dtype), np.empty(m, np.int32))
-                    sample.call_costs.append(dt1 / max(2 * len(single), 1))
-                else:
-                    dt, block = _timed(src.read_dense, runs)
-                    nbytes = block.nbytes
-                    sample.data.append(block.ravel())
-                if dt > 0 and nbytes > 0:
-                    sample.read_rates.setdefault(fmt, []).append(nbytes / dt)
-            finally:
-                src.close()
-    return sample
+    ``VmHWM`` where Linux has it: unlike ``ru_maxrss``, which a process inherits from its parent across
+    ``fork``/``exec`` (a child of a big process reports the parent's peak), it is this program's own.
+    """
+    hwm = _vm_kib("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
-def _measure_compression(data: np.ndarray, indices: np.ndarray | None) -> tuple[float, float, bytes]:
-    """Compress like the writer (Blosc lz4, byte shuffle, chunks of ~22k entries): rate, ratio, bytes."""
-    from numcodecs import Blosc
-
-    arrays = [data]
-    if indices is not None and len(indices):
-        arrays.append(indices.astype(np.uint16 if indices.max() < 65536 else np.uint32))
-    chunk = 22_000
-    parts: list[bytes] = []
-    raw = 0
-    t0 = time.perf_counter()
-    for arr in arrays:
-        codec = Blosc(cname="lz4", clevel=3, shuffle=1, blocksize=0, typesize=arr.dtype.itemsize)
-        parts.extend(codec.encode(arr[a : a + chunk]) for a in range(0, len(arr), chunk))
-        raw += arr.nbytes
-    dt = max(time.perf_counter() - t0, 1e-6)
-    blob = b"".join(parts)
-    return raw / dt, len(blob) / max(raw, 1), blob
-
-
-def _measure_gather(data: np.ndarray, indices: np.ndarray, rng: np.random.Generator) -> float | None:
-    """Entries per second of the engine's random row gather over the sample."""
-    from .engine import CSRBuffer, _gather_rows
-
-    if len(indices) < 1000:
-        return None
-    rows = max(1, len(indices) // 300)
-    ptr = np.linspace(0, len(indices), rows + 1).astype(np.int32)
-    buf = CSRBuffer(data[: len(indices)], indices, ptr)
-    out_d, out_i = np.zeros_like(buf.data), np.zeros_like(indices)  # touched, as the engine's reused scratch
-    dt, _ = _timed(_gather_rows, buf, rng.permutation(rows).astype(np.int32), out_d, out_i)
-    return len(indices) / max(dt, 1e-6)
-
-
-def _measure_writes(blob: bytes, rng: np.random.Generator) -> tuple[float, float, float]:
-    """Write rate, fixed per-dataset metadata cost, and obs rows per second, in a temporary directory."""
-    import anndata as ad
-    import pandas as pd
-    import zarr
-
-    with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
-        dt, _ = _timed(Path(tmp, "shard").write_bytes, blob)
-        write_rate = len(blob) / max(dt, 1e-6)
-        root = zarr.open_group(os.path.join(tmp, "c.zarr"), mode="w", zarr_format=3)
-        t0 = time.perf_counter()
-        g = root.create_group(
-            "dataset_0", attributes={"encoding-type": "anndata", "encoding-version": "0.1.0"}
-        )
-        for key in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
-            ad.io.write_elem(g, key, {})
-        ad.io.write_elem(g, "var", pd.DataFrame(index=pd.Index([f"g{i}" for i in range(100)], dtype=object)))
-        meta = time.perf_counter() - t0
-        costs = []
-        for i, n in enumerate((10_000, 100_000)):  # cost = fixed + n * per_row
-            obs = pd.DataFrame(
-                {"a": pd.Categorical(rng.choice(["x", "y", "z"], n)), "b": rng.random(n)},
-                index=pd.Index([f"cell{j}" for j in range(n)], dtype=object),
-            )
-            dt, _ = _timed(ad.io.write_elem, g, f"obs{i}", obs)
-            costs.append(dt)
-    per_row = max((costs[1] - costs[0]) / 90_000, 1e-8)
-    fixed = max(costs[0] - 10_000 * per_row, 0.0)
-    # obs is also read and assembled before it is written: count that as much again as the write
-    return write_rate, meta + fixed + 0.05, 1.0 / (2 * per_row)
-
-
-_BASELINE_CHILD = """
-import resource, sys, tempfile, os
+_CHILD = """
+import json, os, sys, tempfile, time
+from annbatch_nb.predict import peak_rss_bytes, _vm_kib
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
-d = tempfile.mkdtemp(prefix="annbatch-nb-baseline-")
-x = sp.random(200, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
-ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(200)]),
-           var=pd.DataFrame(index=[f"g{i}" for i in range(50)])).write_h5ad(os.path.join(d, "a.h5ad"))
-abn.shuffle([os.path.join(d, "a.h5ad")], os.path.join(d, "o.zarr"), shuffle_chunk_size=10, dataset_size=100,
-            seed=0, progress=False, workers=1)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+import annbatch_nb.engine
+task = json.loads(sys.argv[1])
+out = {"imported": time.time(), "import_rss": _vm_kib("VmRSS") or peak_rss_bytes()}
+if task["baseline"]:
+    d = tempfile.mkdtemp(prefix="annbatch-nb-baseline-")
+    x = sp.random(200, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
+    ad.AnnData(X=x, obs=pd.DataFrame(index=[f"c{i}" for i in range(200)]),
+               var=pd.DataFrame(index=[f"g{i}" for i in range(50)])).write_h5ad(os.path.join(d, "a.h5ad"))
+    t0, c0 = time.perf_counter(), time.process_time()
+    abn.shuffle([os.path.join(d, "a.h5ad")], os.path.join(d, "o.zarr"), shuffle_chunk_size=10,
+                dataset_size=100, seed=0, progress=False, workers=1)
+    out["tiny"] = min(time.perf_counter() - t0, time.process_time() - c0)
+    import shutil; shutil.rmtree(d, ignore_errors=True)
+    out["baseline"] = peak_rss_bytes()
+if task["inputs"]:
+    before = _vm_kib("VmRSS")
+    p = abn.plan(task["inputs"], seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
+    _ = p.obs_names
+    sources = annbatch_nb.engine._open_for_plan(p)
+    for s in sources:
+        if s.info.x_kind == "csr":
+            _ = s.indptr
+    if before is not None:
+        out["cell_bytes"] = (_vm_kib("VmRSS") - before) / max(p.n_obs, 1)
+print(json.dumps(out))
 """
 
+#: Inputs the fresh process scans to measure the memory a run holds per cell (a sample of them, if more).
+_CELL_SAMPLE = 200
 
-def _start_baseline() -> Any:
-    """Start measuring the resident memory of a fresh process that runs a tiny shuffle (in the background)."""
+
+def _start_child(baseline: bool, infos: list[SourceInfo]) -> tuple[Any, float]:
+    """Start a fresh process (in the background) that imports annbatch-nb.
+
+    Then (``baseline``) it runs a tiny shuffle, and it plans a sample of the inputs and opens them as a run
+    does.
+    """
     import subprocess
     import sys
 
     env = {**os.environ, "ANNBATCH_NB_CACHE": tempfile.gettempdir()}
-    return subprocess.Popen(
-        [sys.executable, "-c", _BASELINE_CHILD],
+    step = max(1, -(-len(infos) // _CELL_SAMPLE))
+    task = {"baseline": baseline, "inputs": [i.path for i in infos[::step]]}
+    started = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, json.dumps(task)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
     )
+    return proc, started
 
 
-def _finish_baseline(proc: Any, default: int) -> int:
+def _machine_cache_path() -> Path:
+    import platform
+    import sys
+
+    from . import __version__
+
+    ident = [
+        CALIBRATION_VERSION,
+        socket.gethostname(),
+        os.cpu_count(),
+        sys.version,
+        platform.machine(),
+        __version__,
+    ]
+    return _cache_dir() / f"machine-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]}.json"
+
+
+def _cached_machine() -> dict[str, float] | None:
     try:
-        out, _ = proc.communicate(timeout=60)
-        return int(out.strip().splitlines()[-1])
-    except Exception:  # best effort: keep the reference value
+        d = json.loads(_machine_cache_path().read_text())
+        return {k: d[k] for k in ("process_start_s", "import_rss_bytes", "baseline_rss_bytes", "tiny_run_s")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _finish_child(proc: Any, started: float) -> dict[str, float]:
+    """What the fresh process measured (nothing where it failed).
+
+    Process start seconds, import and baseline resident bytes, the tiny shuffle's seconds, resident bytes
+    per cell of a run.
+    """
+    try:
+        out, _ = proc.communicate(timeout=120)
+        d = json.loads(out.strip().splitlines()[-1])
+    except Exception:  # best effort: keep the reference values
         proc.kill()
-        return default
+        return {}
+    got = {"process_start_s": float(d["imported"] - started), "import_rss_bytes": int(d["import_rss"])}
+    if "baseline" in d:
+        got |= {"baseline_rss_bytes": int(d["baseline"]), "tiny_run_s": float(d["tiny"])}
+    if "cell_bytes" in d:
+        got["cell_bytes"] = max(float(d["cell_bytes"]), 0.0)
+    return got
+
+
+def _fault_rate() -> float:
+    """Bytes per second of first touching memory as numpy allocates large buffers (the best of two).
+
+    128 MB: above glibc's largest mmap threshold (so the pages are new, not reused heap), and large enough for
+    numpy to ask for huge pages, whose compaction on a fragmented machine is most of the cost.
+    """
+    n = 128 << 20
+    best = float("inf")
+    for _ in range(2):
+        t = _clock()
+        a = np.ones(n, dtype=np.uint8)
+        best = min(best, _busy_seconds(t))
+        del a
+    return n / max(best, 1e-6)
+
+
+def _clock() -> tuple[float, float]:
+    """Wall and CPU (user + system, all threads) seconds of this process."""
+    return time.perf_counter(), time.process_time()
+
+
+def _busy_seconds(start: tuple[float, float]) -> float:
+    """Seconds since ``start`` as an otherwise idle machine would show them: the smaller of wall and CPU time.
+
+    Other programs' load stretches the wall time but not this process's CPU time; waiting for I/O (or work on
+    several threads) does the opposite. The calibration is meant for a machine the run has to itself.
+    """
+    wall, cpu = _clock()
+    return min(wall - start[0], cpu - start[1])
+
+
+@dataclass
+class _Trial:
+    """One sample dataset written by the engine, and its counts (as the model counts them)."""
+
+    seconds: float
+    rows: float
+    bytes: float
+    calls: float
+    inputs: float
+    x_out_bytes: float = 0.0
+    x_disk_bytes: float = 0.0
+
+
+def _fit_costs(trials: list[_Trial], obs_rows_per_s: float) -> tuple[float, float, float, float]:
+    """Per-byte, per-call, per-dataset and per-input seconds that explain the trials' seconds.
+
+    ``seconds - rows / obs_rows_per_s = bytes * per_byte + calls * call_s + dataset_s + inputs * per_input``
+    for each trial, each equation scaled by its seconds (relative errors weigh the same), solved for
+    non-negative costs (exactly, when four independent trials fit).
+    """
+    from scipy.optimize import nnls
+
+    a = np.array([[t.bytes, t.calls, 1.0, t.inputs] for t in trials])
+    y = np.array([max(t.seconds - t.rows / obs_rows_per_s, 0.0) for t in trials])
+    w = 1 / np.maximum(np.array([t.seconds for t in trials]), 1e-3)
+    scale = np.maximum(np.abs(a).max(axis=0), 1e-12)  # columns of similar size, for a well-posed solve
+    x, _ = nnls(a * w[:, None] / scale, y * w)
+    per_byte, call_s, dataset_s, per_input = (float(v) for v in x / scale)
+    return per_byte, call_s, dataset_s, per_input
+
+
+class _Sampler:
+    """Writes single datasets of small plans over some of the user's inputs with the engine, timed."""
+
+    def __init__(self, infos: list[SourceInfo], tmp: Path) -> None:
+        from .engine import BufferPool
+        from .sources import InputSpec, open_source
+
+        self.infos = infos
+        self.tmp = Path(tempfile.mkdtemp(dir=tmp))
+        self.pool = BufferPool()
+        self.n = 0
+        t = _clock()
+        self.sources = [open_source(InputSpec(i.path, i.display), info=i) for i in infos]
+        for src in self.sources:
+            _ = src.root  # opened lazily, by the first dataset that reads the input
+        self.open_s = _busy_seconds(t) / max(len(infos), 1)
+        for src in self.sources:  # read once per run: not part of a dataset's cost
+            if src.info.x_kind == "csr":
+                _ = src.indptr
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+        self.pool.clear()
+
+    def plan(self, chunk: int, rows: int, inputs: int | None = None) -> Plan:
+        from .plan import Parameters, build_plan
+
+        infos = self.infos[: inputs or len(self.infos)]
+        params = Parameters.validated(shuffle_chunk_size=chunk, dataset_size=rows, seed=0)
+        return build_plan(infos, params, DEFAULT_CALIBRATION)
+
+    def run(self, plan: Plan, *, disk: bool = False) -> _Trial:
+        from .collection import open_output, release_lock
+        from .engine import write_dataset
+
+        self.n += 1
+        out = self.tmp / f"sample-{self.n}.zarr"
+        state = open_output(out, plan)
+        try:
+            t = _clock()
+            write_dataset(plan, 0, self.sources[: len(plan.inputs)], state.root, pool=self.pool)
+            seconds = _busy_seconds(t)
+        finally:
+            release_lock(state.lock)
+        tab = _dataset_table(plan)
+        trial = _Trial(
+            seconds=seconds,
+            rows=float(tab["rows"][0]),
+            bytes=float(sum(v[0] for k, v in tab.items() if k.startswith("bytes_"))),
+            calls=float(sum(v[0] for k, v in tab.items() if k.startswith("calls_"))),
+            inputs=float(tab["inputs"][0]),
+        )
+        if disk:
+            x_dir = out / "dataset_0" / "X"
+            names = ("data", "indices") if plan.x_kind == "csr" else ("",)
+            trial.x_disk_bytes = float(
+                sum(f.stat().st_size for n in names for f in (x_dir / n).rglob("*") if f.is_file())
+            )
+            if plan.x_kind == "csr":
+                trial.x_out_bytes = float(tab["nnz"][0]) * (plan.dtype.itemsize + plan.index_dtype.itemsize)
+            else:
+                trial.x_out_bytes = trial.rows * plan.n_vars * plan.dtype.itemsize
+        return trial
+
+
+def _calibrate_format(
+    infos: list[SourceInfo], tmp: Path, budget_s: float, base: Calibration
+) -> Generator[None, None, dict[str, float]]:
+    """Rates of one input format from datasets the engine writes from up to four of its inputs.
+
+    Datasets written: ten rows from one input (twice: the first pays one-time costs), ten rows from each input
+    (with the previous, the per-dataset and per-input fixed costs), a large one (mostly per-byte cost) and a
+    quarter of it cut into runs a few rows long (mostly per-call cost); all four are repeated while the budget
+    lasts (up to three times), and the best of each kept. The model's counts of each are known; the four costs
+    are their non-negative least-squares fit, in relative error.
+
+    A generator: it pauses after the short datasets (the fixed costs), so that the caller can let other work
+    finish before the longer ones are timed, and returns the rates.
+    """
+    sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
+    s = _Sampler(sample, tmp)
+    try:
+        rows_total = sum(i.n_obs for i in sample)
+        bytes_per_row = sum(i.raw_x_bytes for i in sample) / max(rows_total, 1)
+        fmt = sample[0].format
+        rate = base.per_format("x_bytes_per_s", fmt)
+        tiny = min(10, min(i.n_obs for i in sample))
+        many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
+        s.run(one)  # a process's first dataset also pays one-time costs (measured in a fresh process instead)
+        t_many, t_one = s.run(many), s.run(one)
+        yield
+        started = time.perf_counter()
+        # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
+        target = max(0.1 * budget_s, 3 * t_many.seconds) * rate
+        big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
+        small = max(1, big // 4)
+        chunk = max(1, min(1000, small // 8))
+        large = s.plan(chunk, big)
+        t_big = s.run(large, disk=True)
+        ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
+        arrays = np.mean([_arrays_per_range(i) for i in sample])
+        ranges = 0.1 * budget_s / base.per_format("read_call_s", fmt) / arrays  # about 0.1 budget_s of calls
+        few = int(max(1, min(chunk, small // max(ranges, 1))))
+        calls = s.plan(few, small)
+        t_calls = s.run(calls)
+        for _ in range(2):  # the best of up to three of each, within the budget: other programs add noise
+            if time.perf_counter() - started > 0.6 * budget_s:
+                break
+            t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
+            t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
+            t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
+            t_calls = min(t_calls, s.run(calls), key=lambda t: t.seconds)
+        open_s = s.open_s
+    finally:
+        s.close()
+    per_byte, call_s, dataset_s, per_input = _fit_costs([t_big, t_calls, t_many, t_one], base.obs_rows_per_s)
+    if per_byte <= 0:
+        per_byte = 1 / base.per_format("x_bytes_per_s", fmt)
+    if t_many.inputs <= t_one.inputs:  # one input: the per-input cost cannot be told from the fixed cost
+        per_input = base.per_format("dataset_input_s", fmt)
+    return {
+        "x_bytes_per_s": 1 / per_byte,
+        "read_call_s": call_s,
+        "input_open_s": open_s,
+        "dataset_s": dataset_s,
+        "dataset_input_s": per_input,
+        "compression_ratio": ratio,
+        "weight": t_big.bytes,
+    }
 
 
 def calibrate(
@@ -569,26 +1004,29 @@ def calibrate(
     budget_s: float = 3.0,
     cache: bool = True,
 ) -> Calibration:
-    """Measure this machine's rates on a sample of the user's own files (a few seconds), and cache them.
+    """Measure this machine's costs on a sample of the user's own files (a few seconds), and cache them.
 
-    Reads sampled row runs from up to three inputs of each format (as the engine does), compresses what it
-    read like the writer, gathers it in random row order, writes it and a small dataset's metadata to a
-    temporary directory; meanwhile a fresh process runs a tiny shuffle to measure the interpreter's baseline
-    resident memory.
+    For each input format, the engine itself writes a few datasets of small plans over up to four of the
+    inputs of that format into a temporary directory, each timed (see :func:`_calibrate_format`); the counts
+    of the time model (bytes, read calls, rows, inputs, datasets) are known for each, so its per-byte,
+    per-call and fixed costs follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle (once
+    per machine: cached) and plans a sample of the inputs: its start time, resident memory after each step
+    are the worker start cost, the memory baseline and the memory a run holds per cell. Times are the smaller
+    of wall and CPU time, so that other programs' load does not count.
 
     Parameters
     ----------
     inputs
         The inputs (paths, or scanned :class:`~annbatch_nb.sources.SourceInfo` records).
     budget_s
-        Time budget of the read measurements.
+        Seconds to spend on the engine samples (about; the total stays within ``budget_s + 2``).
     cache
         Store the result under ``~/.cache/annbatch-nb`` (or ``$ANNBATCH_NB_CACHE``), keyed by host and inputs.
 
     Returns
     -------
     Calibration
-        Measured rates (``source="measured"``).
+        Measured costs (``source="measured"``).
     """
     from .sources import SourceInfo
 
@@ -598,29 +1036,61 @@ def calibrate(
         from .plan import scan
 
         infos = scan(inputs)  # type: ignore[arg-type]
-    rng = np.random.default_rng(0)
     base = DEFAULT_CALIBRATION
-    baseline = _start_baseline()  # runs on the other core meanwhile
-    sample = _measure_reads(infos, rng, budget_s)
-    data = np.concatenate(sample.data) if sample.data else np.zeros(1 << 16, dtype=np.float32)
-    indices = np.concatenate(sample.indices) if sample.indices else None
-    compress_rate, ratio, blob = _measure_compression(data, indices)
-    gather = _measure_gather(data, indices, rng) if indices is not None else None
-    write_rate, overhead, obs_rate = _measure_writes(blob, rng)
+    machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
+    child, started = _start_child(machine is None, infos)  # on another core meanwhile
+    formats = sorted({i.format for i in infos})
+    per_fmt: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
+        steps = {
+            fmt: _calibrate_format(
+                [i for i in infos if i.format == fmt], Path(tmp), budget_s / len(formats), base
+            )
+            for fmt in formats
+        }
+        try:
+            for step in steps.values():  # the short datasets, while the fresh process runs
+                next(step)
+            measured = _finish_child(child, started)  # then the long ones without it competing for the cores
+            fault = _fault_rate()
+            for fmt, step in steps.items():
+                try:
+                    next(step)
+                except StopIteration as done:
+                    per_fmt[fmt] = done.value
+        finally:
+            for step in steps.values():
+                step.close()
+    weights = np.array([max(v["weight"], 1.0) for v in per_fmt.values()])
+
+    def mean(key: str) -> float:
+        return float(np.average([v[key] for v in per_fmt.values()], weights=weights))
+
+    ratios = [v["compression_ratio"] for v in per_fmt.values() if v["compression_ratio"] > 0]
+    cell_bytes = measured.pop("cell_bytes", 0.0)
+    if machine is None:
+        keys = ("process_start_s", "import_rss_bytes", "baseline_rss_bytes", "tiny_run_s")
+        machine = {k: measured[k] for k in keys if k in measured}
+        if cache and len(machine) == len(keys):
+            with contextlib.suppress(OSError):
+                _machine_cache_path().parent.mkdir(parents=True, exist_ok=True)
+                _machine_cache_path().write_text(json.dumps(machine))
     cal = replace(
         base,
-        read_bytes_per_s={
-            **base.read_bytes_per_s,
-            **{k: float(np.median(v)) for k, v in sample.read_rates.items()},
-        },
-        read_call_s=float(np.median(sample.call_costs)) if sample.call_costs else base.read_call_s,
-        gather_elems_per_s=gather or base.gather_elems_per_s,
-        compress_bytes_per_s=compress_rate,
-        compression_ratio=ratio,
-        write_bytes_per_s=write_rate,
-        dataset_overhead_s=overhead,
-        obs_rows_per_s=obs_rate,
-        baseline_rss_bytes=_finish_baseline(baseline, base.baseline_rss_bytes),
+        x_bytes_per_s={**base.x_bytes_per_s, **{f: v["x_bytes_per_s"] for f, v in per_fmt.items()}},
+        read_call_s={**base.read_call_s, **{f: v["read_call_s"] for f, v in per_fmt.items()}},
+        input_open_s={**base.input_open_s, **{f: v["input_open_s"] for f, v in per_fmt.items()}},
+        dataset_s=mean("dataset_s"),
+        run_s=max(
+            _RUN_S,
+            machine.get("tiny_run_s", base.run_s + 2 * base.dataset_s)
+            - 2 * (mean("dataset_s") + per_fmt.get("h5ad", {}).get("dataset_input_s", 0.0)),
+        ),
+        dataset_input_s={**base.dataset_input_s, **{f: v["dataset_input_s"] for f, v in per_fmt.items()}},
+        fault_bytes_per_s=fault,
+        compression_ratio=float(np.median(ratios)) if ratios else base.compression_ratio,
+        **{k: v for k, v in machine.items() if k in Calibration.__dataclass_fields__},
+        cell_bytes=cell_bytes,
         source="measured",
     )
     if cache:

@@ -23,7 +23,7 @@ import time
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -1715,6 +1715,8 @@ def _open_in_worker(
     return source, note
 
 
+#: Zarr inputs opened at once by :func:`open_sources` (threads).
+_OPEN_THREADS = 8
 #: Parse files in a process pool only when parsing them one by one would take longer than this (seconds):
 #: a worker process needs a few seconds to start and import.
 _POOL_WORTH_SECONDS = 4.0
@@ -1771,6 +1773,20 @@ def open_sources(
                         opened[i].remember()
                     if note:
                         _note_fallback(inputs[i].display, note)
+        # zarr stores (local or on an object store) spend their opening waiting for metadata reads: a few at
+        # once; h5py serialises on its global lock, so .h5ad files are opened one by one
+        threaded = [i for i, spec in enumerate(inputs) if i not in opened and not spec.path.endswith(".h5ad")]
+        if len(threaded) > 1:
+            with ThreadPoolExecutor(max_workers=min(_OPEN_THREADS, len(threaded))) as threads:
+                futures = {i: threads.submit(open_source, inputs[i], virtualize=virtualize) for i in threaded}
+                errors: list[BaseException] = []
+                for i, fut in futures.items():  # every one finished or failed: none left open unseen
+                    try:
+                        opened[i] = fut.result()
+                    except BaseException as e:
+                        errors.append(e)
+                if errors:
+                    raise errors[0]  # the first failing input in input order
         for i, spec in enumerate(inputs):
             if i not in opened:
                 opened[i] = open_source(spec, virtualize=virtualize)

@@ -36,56 +36,155 @@ def _one_input(n: int = 1000, nnz_per_row: int = 10, genes: int = 10) -> list[So
 
 
 CAL = Calibration(
-    read_bytes_per_s={"h5ad": 1e6, "zarr": 1e6},
-    read_call_s=0.001,
-    gather_elems_per_s=1e6,
-    compress_bytes_per_s=1e6,
-    compression_ratio=0.5,
-    write_bytes_per_s=1e6,
-    dataset_overhead_s=0.5,
+    x_bytes_per_s={"h5ad": 1e6, "zarr": 1e6},
+    read_call_s={"h5ad": 0.001, "zarr": 0.01},
     obs_rows_per_s=1000,
+    dataset_s=0.5,
+    dataset_input_s={"h5ad": 0.1, "zarr": 0.2},
+    input_open_s={"h5ad": 0.01, "zarr": 0.05},
+    run_s=0.2,
+    fault_bytes_per_s=1e7,
+    compression_ratio=0.5,
+    process_start_s=2.0,
+    parallel_efficiency=0.8,
     baseline_rss_bytes=230_000_000,
+    import_rss_bytes=200_000_000,
 )
 
 
-def test_memory_model_by_hand() -> None:
+def test_memory_model_by_hand(monkeypatch) -> None:
+    monkeypatch.setenv("ANNBATCH_NB_THREADS", "2")  # two encoding threads
     p = build_plan(_one_input(), Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0), CAL)
     assert p.n_datasets == 1 and p.index_dtype == np.uint8
     buffer = 10_000 * (4 + 4) + 1001 * 4  # data (float32) + int32 column numbers + int32 row pointers
-    scratch = (10_000 + 2 * 10) * (4 + 4)  # the touched part of the gather block, plus two rows
-    shard = 10_000 * (4 + 1) * 0.5 * 1.5  # one compressed shard (the whole dataset here), joined once
+    scratch = 2 * (10_000 + 2 * 10) * (4 + 4)  # per thread: the touched gather block, plus two rows
+    # one compressed shard (the whole dataset here), its chunks held until stored, plus two blocks per thread
+    # in flight
+    shard = 10_000 * (4 + 1) * 0.5 + 2 * 2 * 10_000 * (4 + 1) * 0.5
     obs = 1000 * 8 * 3 + 1000 * 8  # src_path codes, three copies; the names
     pointers = 1000 * 8 * 5  # counts, row nnz, permutation, output nnz, output indptr
     names = 1000 * (2 * 8 + 57 + 3.9)  # "0-0".."0-99": 3.9 characters on average
     indptr = 1001 * 8
     m = p.memory
+    assert m.workers == 1
     assert m.dataset_bytes == int(buffer + scratch + shard + obs + pointers)
     assert m.run_bytes == int(names + indptr)
-    assert m.peak_bytes == 230_000_000 + m.run_bytes + m.dataset_bytes
+    assert m.peak_bytes == m.process_bytes == 230_000_000 + m.run_bytes + m.dataset_bytes
     assert p.peak_memory_bytes == m.peak_bytes
 
 
 def test_time_and_size_models_by_hand() -> None:
     p = build_plan(_one_input(), Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0), CAL)
     t = p.time
-    raw_in = 10_000 * 8 + 1001 * 8
-    assert t.read == pytest.approx(raw_in / 1e6 + 1 * 2 * 0.001)  # the ten runs coalesce: one call per array
-    assert t.gather == pytest.approx(10_000 / 1e6)
-    assert t.compress == pytest.approx(10_000 * 5 / 1e6)
-    assert t.write == pytest.approx(10_000 * 5 * 0.5 / 1e6)
+    raw_in = 10_000 * 8 + 1001 * 8  # data + indices + row pointers of the input's 1000 rows
+    assert t.x == pytest.approx(raw_in / 1e6)
+    assert t.calls == pytest.approx(1 * 2 * 0.001)  # the ten runs coalesce: one range, two arrays (no obs)
     assert t.obs == pytest.approx(1000 / 1000)
-    assert t.overhead == pytest.approx(0.5 + 0.2)
-    assert p.seconds == pytest.approx(t.read + t.gather + t.compress + t.write + t.obs + t.overhead)
+    opened = 0.01 + 1001 * 8 / 1e6  # the input opened and its row pointers read, once
+    touched = (10_000 * 8 + 10_000 * 8) / 1e7  # read buffer and gather block, first touch
+    assert t.overhead == pytest.approx(0.2 + opened + touched + 0.5 + 0.1)  # run, process, dataset, input
+    assert t.workers == 1
+    assert p.seconds == t.seconds == t.serial_seconds == pytest.approx(t.x + t.calls + t.obs + t.overhead)
+    assert p.seconds == pytest.approx(1.924016)
     assert p.output_bytes == int(10_000 * 5 * 0.5 + 1001 * 8 * 0.5 + 1000 * 8 * 0.5)
 
 
-def test_more_datasets_cost_more_read_calls() -> None:
+def test_read_calls_count_ranges_times_arrays() -> None:
+    from annbatch_nb.sources import ColumnSpec
+
+    (info,) = _one_input(n=10_000)
+    info.obs_columns = {
+        "cell_type": ColumnSpec("categorical", "<U1", ("a", "b")),  # codes: one array
+        "n_genes": ColumnSpec("nullable-integer", "<i8"),  # values and mask: two
+    }
+    # runs of 1000 rows, one per dataset: one range each, of 2 + 1 + 2 arrays
+    p = build_plan([info], Parameters.validated(shuffle_chunk_size=1000, dataset_size=1000, seed=0), CAL)
+    assert p.n_datasets == 10
+    assert p.time.calls == pytest.approx(10 * 5 * 0.001)
+
+
+def test_more_datasets_cost_more_fixed_time() -> None:
     infos = _one_input(n=10_000)
     one = build_plan(infos, Parameters.validated(shuffle_chunk_size=100, dataset_size=10_000, seed=0), CAL)
     ten = build_plan(infos, Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0), CAL)
-    assert ten.time.read > one.time.read
-    assert ten.time.overhead == pytest.approx(10 * 0.5 + 0.2)
-    assert ten.peak_memory_bytes < one.peak_memory_bytes
+    assert ten.time.calls > one.time.calls
+    # nine more datasets, each reading the one input; first touch is of a tenth of the buffers
+    touch_saved = (100_000 - 10_000) * 16 / 1e7
+    assert ten.time.overhead - one.time.overhead == pytest.approx(9 * (0.5 + 0.1) - touch_saved)
+    assert ten.memory.process_bytes < one.memory.process_bytes  # per process: a tenth of the buffers
+
+
+def test_workers_time_and_memory_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    from annbatch_nb.engine import resolve_workers
+
+    class VM:
+        total = 10**12
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: VM)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setenv("ANNBATCH_NB_THREADS", "1")  # one encoding thread per process: a process per CPU
+    infos = _one_input(n=10_000)
+    # runs of 1000 rows, one per dataset: ten equal datasets of 1000 rows, 10,000 entries
+    p = build_plan(infos, Parameters.validated(shuffle_chunk_size=1000, dataset_size=1000, seed=0), CAL)
+    per_dataset = 0.5 + 0.1 + 1000 / 1000 + 1000 * 88.0008 / 1e6 + 2 * 0.001
+    fixed = 0.01 + 10_001 * 8 / 1e6 + 10_000 * 16 / 1e7  # open, row pointers, first touch (per process)
+    serial = 0.2 + fixed + 10 * per_dataset
+    assert serial > 4  # long enough for worker processes
+    t = p.time
+    assert t.serial_seconds == pytest.approx(serial)
+    assert t.workers == resolve_workers("auto", p, p.n_datasets) == 4  # the engine's choice is the planner's
+    # the parent opens the input, starts the forkserver; each worker opens and touches its own; ten datasets
+    # at 80 % speed over four workers finish in three rounds
+    assert t.seconds == pytest.approx(0.2 + 0.01 + 2.0 + fixed + 3 * per_dataset / 0.8)
+    m = p.memory
+    assert m.workers == 4
+    assert m.process_bytes == 230_000_000 + m.run_bytes + m.dataset_bytes
+    others = 3 * (230_000_000 + m.run_bytes + 0.6 * m.dataset_bytes)  # at 60 % of their dataset's buffers
+    assert m.peak_bytes == int(2 * 200_000_000 + m.run_bytes + m.process_bytes + others)
+    single = abn.predict.predict_time(p, CAL, workers=1)
+    assert single.seconds == pytest.approx(serial) and single.workers == 1
+    assert abn.predict.predict_memory(p, CAL, workers=1).peak_bytes == m.process_bytes
+
+
+def test_fit_recovers_the_costs_that_made_the_trials() -> None:
+    from annbatch_nb.predict import _fit_costs, _Trial
+
+    per_byte, call_s, dataset_s, per_input = 1e-8, 2e-4, 0.15, 0.03
+    trials = [
+        _Trial(
+            seconds=b * per_byte + c * call_s + dataset_s + i * per_input + r / 1e6,
+            rows=r,
+            bytes=b,
+            calls=c,
+            inputs=i,
+        )
+        for b, c, i, r in [(5e7, 150, 4, 18_000), (1.3e7, 1200, 4, 4600), (1e5, 20, 4, 40), (3e4, 5, 1, 10)]
+    ]
+    fit = _fit_costs(trials, 1e6)
+    assert fit == pytest.approx((per_byte, call_s, dataset_s, per_input), rel=1e-9)
+
+
+def test_busy_seconds_is_the_smaller_of_wall_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from annbatch_nb import predict
+
+    monkeypatch.setattr(predict, "_clock", lambda: (10.0, 4.0))
+    assert predict._busy_seconds((7.0, 2.5)) == 1.5  # loaded machine: cpu 1.5 s in 3 s of wall
+    assert predict._busy_seconds((9.0, 1.0)) == 1.0  # waiting for I/O: wall 1 s, cpu 3 s on threads
+    assert predict.peak_rss_bytes() > 10_000_000
+
+
+def test_an_old_cache_layout_gives_the_defaults() -> None:
+    old = {
+        "read_bytes_per_s": {"h5ad": 1.0},
+        "read_call_s": 6e-5,
+        "dataset_overhead_s": 0.3,
+        "source": "measured",
+    }
+    cal = Calibration.from_dict(old)
+    assert cal.read_call_s == Calibration().read_call_s  # a float where a per-format table is expected
+    assert cal.source == "measured"
 
 
 def test_auto_dataset_size_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,12 +232,15 @@ def test_calibration_is_measured_cached_and_used(demo: list[str], tmp_path: Path
     monkeypatch.setenv("ANNBATCH_NB_CACHE", str(tmp_path / "cache"))
     infos = abn.scan(demo)
     assert cached_calibration(infos) is None
-    cal = calibrate(demo)
+    cal = calibrate(demo, budget_s=1.0)
     assert cal.source == "measured"
-    assert set(cal.read_bytes_per_s) >= {"h5ad", "zarr"}
-    assert all(v > 0 for v in cal.read_bytes_per_s.values())
-    assert 0 < cal.compression_ratio < 1.5 and cal.compress_bytes_per_s > 0 and cal.write_bytes_per_s > 0
+    assert set(cal.x_bytes_per_s) >= {"h5ad", "zarr"}
+    assert all(v > 0 for v in cal.x_bytes_per_s.values())
+    assert all(v >= 0 for v in cal.read_call_s.values()) and cal.dataset_s >= 0
+    assert 0 < cal.compression_ratio < 1.5 and cal.fault_bytes_per_s > 0
+    assert 50e6 < cal.import_rss_bytes <= cal.baseline_rss_bytes < 2e9
     assert cached_calibration(infos) == cal
+    assert list((tmp_path / "cache").glob("machine-*.json"))  # the fresh process's numbers, kept per machine
     assert abn.plan(demo, seed=0).calibration == cal  # picked up from the cache
 
 
@@ -148,3 +250,19 @@ def test_cli_plan_json_has_predictions(demo: list[str], capsys: pytest.CaptureFi
     for key in ("n_obs", "n_datasets", "peak_memory_bytes", "seconds", "output_bytes", "quality"):
         assert key in out
     assert out["peak_memory_bytes"] > 0 and out["seconds"] > 0 and 0 <= out["quality"] <= 1
+
+
+def test_zarr_reads_hold_their_largest_range() -> None:
+    from annbatch_nb.predict import ZARR_READ_BYTES
+
+    h5ad = _one_input()
+    zarr = _one_input()
+    zarr[0].format, zarr[0].reader = "zarr", "zarr"
+    params = Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0)
+    a, b = build_plan(h5ad, params, CAL), build_plan(zarr, params, CAL)
+    # ten runs of 100 rows coalesce into one range of 1000 rows: its data (float32) and int32 indices are
+    # read into a new array, then copied into the buffer; h5py reads straight into the buffer. zarr's decode
+    # buffers: at most half the input's raw X (data, indices, row pointers), here less than ZARR_READ_BYTES
+    decode = (10_000 * 8 + 1001 * 8) / 2
+    assert decode < ZARR_READ_BYTES
+    assert b.memory.dataset_bytes - a.memory.dataset_bytes == int(1000 * 10 * (4 + 4) + decode)
