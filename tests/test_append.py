@@ -92,12 +92,13 @@ def _observed_shares(out: Path, n_inputs: int, inputs: list[str]) -> np.ndarray:
 @pytest.mark.parametrize("rewrite", [0, 0.5, 1, "auto"])
 def test_append_mixes_new_cells_within_dataset_size(files, coll: Path, rewrite) -> None:
     old, new = files["old"], files["new"]
-    ap = plan_append(new, coll, rewrite=rewrite)
+    ap = plan_append(new, coll, rewrite=rewrite, seed=1)  # a fixed seed: the default one hashes the paths
     assert ap.n_obs_old == 1200 and ap.n_obs_new == 400 and ap.n_old_datasets == 4
     kept = {d: _x_digest(coll, d) for d in ap.untouched.tolist()}
 
-    res = abn.append(new, coll, rewrite=rewrite, progress=False)
+    res = abn.append(new, coll, rewrite=rewrite, seed=1, progress=False)
     assert res.plan is not None and not res.already_complete
+    assert res.plan.pool.fingerprint == ap.pool.fingerprint  # the plan that was shown is the one that ran
 
     report = abn.validate(coll, inputs=old + new)
     assert report.ok, report.errors
@@ -109,7 +110,9 @@ def test_append_mixes_new_cells_within_dataset_size(files, coll: Path, rewrite) 
         assert _x_digest(coll, d) == digest
     # the stated cost: below a rewrite unless everything is rewritten
     if rewrite == 1:
-        assert len(ap.rewritten) == 4 and ap.cost_ratio == pytest.approx(1.0)
+        assert len(ap.rewritten) == 4
+    if len(ap.rewritten) == 4:  # "auto" may need every dataset: 25 % new cells mix in only by a rewrite
+        assert ap.cost_ratio == pytest.approx(1.0)
     else:
         assert ap.cost_ratio < 1.0
     # the quality reported is the written collection's: per-dataset shares match exactly
