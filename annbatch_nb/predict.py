@@ -106,12 +106,22 @@ class Calibration:
         ``"default"`` (reference machine) or ``"measured"``.
     """
 
-    x_bytes_per_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 1.4e8, "zarr": 1.0e8})
-    read_call_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 2.5e-4, "zarr": 2e-3})
+    # per read path (:func:`rate_key`); "h5ad-virtual" defaults scaled from bench_virtualize's local reads
+    # (0.6x h5py's bytes/s, ~4x its cost per read call), until calibrate() measures them on the user's files
+    x_bytes_per_s: dict[str, float] = field(
+        default_factory=lambda: {"h5ad": 1.4e8, "h5ad-virtual": 8.4e7, "zarr": 1.0e8}
+    )
+    read_call_s: dict[str, float] = field(
+        default_factory=lambda: {"h5ad": 2.5e-4, "h5ad-virtual": 1e-3, "zarr": 2e-3}
+    )
     obs_rows_per_s: float = 1.0e6
     dataset_s: float = 0.2
-    dataset_input_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.02, "zarr": 0.02})
-    input_open_s: dict[str, float] = field(default_factory=lambda: {"h5ad": 0.002, "zarr": 0.01})
+    dataset_input_s: dict[str, float] = field(
+        default_factory=lambda: {"h5ad": 0.02, "h5ad-virtual": 0.02, "zarr": 0.02}
+    )
+    input_open_s: dict[str, float] = field(
+        default_factory=lambda: {"h5ad": 0.002, "h5ad-virtual": 0.01, "zarr": 0.01}
+    )
     run_s: float = 0.05
     fault_bytes_per_s: float = 3.0e9
     compression_ratio: float = 0.48
@@ -146,6 +156,17 @@ class Calibration:
 
 
 DEFAULT_CALIBRATION = Calibration()
+
+
+def rate_key(info: SourceInfo) -> str:
+    """Which rates price reading ``info``: its format, and for ``.h5ad`` its read path.
+
+    ``"h5ad"`` (h5py), ``"h5ad-virtual"`` (through a virtualizarr manifest) or ``"zarr"``: the two ``.h5ad``
+    read paths cost differently (see ``benchmarks/README.md``), and the plan knows which one each input takes.
+    """
+    if info.format == "h5ad" and info.reader == "virtual":
+        return "h5ad-virtual"
+    return info.format
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,7 +210,7 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         "nnz": nnz,
         "inputs": np.bincount(ks[new_input], minlength=kd).astype(np.float64),
     }
-    formats = np.array([i.format for i in infos])
+    formats = np.array([rate_key(i) for i in infos])
     for fmt in sorted(set(formats.tolist())):
         sel = formats[runs[:, 0]] == fmt
         table[f"bytes_{fmt}"] = np.bincount(
@@ -513,9 +534,11 @@ def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) 
 
 def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
     """Opening every input and reading each CSR input's row pointers (once per process), touching buffers."""
-    opens = sum(c.per_format("input_open_s", i.format) for i in plan.inputs)
+    opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     indptr = sum(
-        (i.n_obs + 1) * 8 / c.per_format("x_bytes_per_s", i.format) for i in plan.inputs if i.x_kind == "csr"
+        (i.n_obs + 1) * 8 / c.per_format("x_bytes_per_s", rate_key(i))
+        for i in plan.inputs
+        if i.x_kind == "csr"
     )
     return opens + indptr + _pool_bytes(plan) / c.fault_bytes_per_s
 
@@ -636,7 +659,7 @@ def predict_time(
     n = min(n, max(plan.n_datasets, 1))
     if n == 1:
         return TimePrediction(serial, x, calls, obs, overhead, serial, 1)
-    opens = sum(c.per_format("input_open_s", i.format) for i in plan.inputs)
+    opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     seconds = c.run_s + opens + c.process_start_s + fixed + _makespan(per_ds / c.parallel_efficiency, n)
     return TimePrediction(seconds, x, calls, obs, overhead, serial, n)
 
@@ -653,7 +676,7 @@ def _cache_dir() -> Path:
 
 def _cache_key(infos: list[SourceInfo]) -> str:
     ident: list[Any] = [CALIBRATION_VERSION, socket.gethostname(), os.cpu_count()]
-    ident += [[i.path, i.size_bytes, i.mtime] for i in infos]
+    ident += [[i.path, i.size_bytes, i.mtime, rate_key(i)] for i in infos]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]
 
 
@@ -951,7 +974,7 @@ def _calibrate_format(
     try:
         rows_total = sum(i.n_obs for i in sample)
         bytes_per_row = sum(i.raw_x_bytes for i in sample) / max(rows_total, 1)
-        fmt = sample[0].format
+        fmt = rate_key(sample[0])
         rate = base.per_format("x_bytes_per_s", fmt)
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
@@ -1039,12 +1062,12 @@ def calibrate(
     base = DEFAULT_CALIBRATION
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
     child, started = _start_child(machine is None, infos)  # on another core meanwhile
-    formats = sorted({i.format for i in infos})
+    formats = sorted({rate_key(i) for i in infos})
     per_fmt: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
         steps = {
             fmt: _calibrate_format(
-                [i for i in infos if i.format == fmt], Path(tmp), budget_s / len(formats), base
+                [i for i in infos if rate_key(i) == fmt], Path(tmp), budget_s / len(formats), base
             )
             for fmt in formats
         }

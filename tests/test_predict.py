@@ -266,3 +266,27 @@ def test_zarr_reads_hold_their_largest_range() -> None:
     decode = (10_000 * 8 + 1001 * 8) / 2
     assert decode < ZARR_READ_BYTES
     assert b.memory.dataset_bytes - a.memory.dataset_bytes == int(1000 * 10 * (4 + 4) + decode)
+
+
+def test_the_two_h5ad_read_paths_are_priced_apart() -> None:
+    """An .h5ad read through a virtualizarr manifest is priced with its own rates, h5py with h5ad's."""
+    import dataclasses
+
+    from annbatch_nb.predict import predict_time, rate_key
+
+    cal = dataclasses.replace(
+        CAL,
+        x_bytes_per_s={"h5ad": 1e6, "h5ad-virtual": 5e5, "zarr": 1e6},
+        read_call_s={"h5ad": 0.001, "h5ad-virtual": 0.001, "zarr": 0.01},
+        dataset_input_s={"h5ad": 0.1, "h5ad-virtual": 0.1, "zarr": 0.2},
+        input_open_s={"h5ad": 0.01, "h5ad-virtual": 0.01, "zarr": 0.05},
+    )
+    params = Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0)
+    h5py_info = _one_input()
+    virtual_info = [dataclasses.replace(h5py_info[0], reader="virtual")]
+    assert [rate_key(i) for i in h5py_info + virtual_info] == ["h5ad", "h5ad-virtual"]
+    t_h5py = predict_time(build_plan(h5py_info, params, cal), cal)
+    t_virtual = predict_time(build_plan(virtual_info, params, cal), cal)
+    # X bytes cost twice as much through the manifest here; every other part is the same
+    assert t_virtual.x == pytest.approx(2 * t_h5py.x) and t_virtual.x > 0
+    assert (t_virtual.calls, t_virtual.obs) == pytest.approx((t_h5py.calls, t_h5py.obs))
