@@ -46,12 +46,12 @@ from dask.utils import format_bytes
 from .collection import (
     MARKER,
     META_KEY,
-    _compressor,
     acquire_lock,
     dataset_key,
     is_committed,
     mark_complete,
     release_lock,
+    write_runs_table,
 )
 from .engine import (
     ProgressCallback,
@@ -834,17 +834,7 @@ def finish_commit(output: str | os.PathLike[str]) -> bool:
     for d in journal["untouched"]:
         _move(work / "obs" / str(d) / "obs", out / dataset_key(d) / "obs", trash / f"obs_{d}")
     meta = root[META_KEY]
-    table = np.load(work / "next-runs.npy")
-    runs = meta.create_array(
-        "runs",
-        shape=table.shape,
-        dtype=np.int64,
-        chunks=(max(1, min(len(table), 1 << 18)), 4),
-        compressors=_compressor(),
-        attributes={"columns": ["input", "start", "stop", "dataset"]},
-        overwrite=True,
-    )
-    runs[...] = table
+    write_runs_table(meta, np.load(work / "next-runs.npy"))
     for t, record in zip(journal["targets"], journal["records"], strict=True):
         mark_complete(root, t, record)
     meta.attrs.update(journal["manifest"])

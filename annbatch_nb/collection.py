@@ -564,7 +564,13 @@ def _write_manifest(root: zarr.Group, plan: Plan) -> None:
         "rows_per_dataset": plan.rows_per_dataset.tolist(),
     }
     meta = root.create_group(META_KEY, attributes=attrs)
-    table = np.concatenate([plan.runs, plan.run_dataset[:, None]], axis=1).astype(np.int64)
+    write_runs_table(meta, np.concatenate([plan.runs, plan.run_dataset[:, None]], axis=1))
+    meta.create_group("complete")
+
+
+def write_runs_table(meta: zarr.Group, table: np.ndarray) -> None:
+    """Store (or replace) the manifest's ``runs`` array: input, start, stop, dataset of every run."""
+    table = np.asarray(table, dtype=np.int64)
     runs = meta.create_array(
         "runs",
         shape=table.shape,
@@ -572,9 +578,9 @@ def _write_manifest(root: zarr.Group, plan: Plan) -> None:
         chunks=(max(1, min(len(table), 1 << 18)), 4),
         compressors=_compressor(),
         attributes={"columns": ["input", "start", "stop", "dataset"]},
+        overwrite=True,
     )
     runs[...] = table
-    meta.create_group("complete")
 
 
 def mark_complete(root: zarr.Group, k: int, record: dict[str, Any]) -> None:
