@@ -71,6 +71,8 @@ from .plan import (
     _assign_runs,
     _join_obs,
     _obs_bytes_per_row,
+    check_seed,
+    cut_runs,
     make_unique,
 )
 from .predict import DEFAULT_CALIBRATION, Calibration
@@ -530,15 +532,6 @@ def _check_names(old: list[SourceInfo], new: list[SourceInfo]) -> None:
         )
 
 
-def _new_runs(new: list[SourceInfo], first_input: int, chunk: int) -> np.ndarray:
-    parts = []
-    for j, info in enumerate(new):
-        starts = np.arange(0, info.n_obs, chunk, dtype=np.int64)
-        stops = np.minimum(starts + chunk, info.n_obs)
-        parts.append(np.stack([np.full_like(starts, first_input + j), starts, stops], axis=1))
-    return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-
-
 def _pool(
     old_table: np.ndarray, rewritten: np.ndarray, new_runs: np.ndarray, dataset_rows: int, params: Parameters
 ) -> tuple[np.ndarray, np.ndarray, int]:
@@ -613,7 +606,7 @@ def plan_append(
         isinstance(rewrite, bool) or not isinstance(rewrite, int | float) or not 0 <= rewrite <= 1
     ):
         raise ParameterError(f"rewrite must be a share in [0, 1] or 'auto', got {rewrite!r}")
-    _, manifest, old_table = _read_collection(out)
+    root, manifest, old_table = _read_collection(out)
     specs = resolve_inputs(new_inputs)
     have = {r["abspath"] for r in manifest["inputs"]}
     already = [s for s in specs if s.path in have]
@@ -631,13 +624,9 @@ def plan_append(
             s.close()
 
     base = Parameters(**manifest["params"])
-    if seed is None:
-        seed = _append_seed(manifest, new)
-    elif isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ParameterError(f"seed must be a non-negative whole number, got {seed!r}")
+    seed = _append_seed(manifest, new) if seed is None else check_seed(seed)
     dataset_rows = int(manifest.get("dataset_rows") or max(manifest["rows_per_dataset"]))
     params = dataclasses.replace(base, seed=int(seed), dataset_size=dataset_rows, dtype=manifest["dtype"])
-    root = zarr.open_group(str(out), mode="r")
     first = root[dataset_key(0)]
     var_names = pd.Index(ad.io.read_elem(first["var"]).index, dtype=object)
     index_dtype = (
@@ -649,7 +638,7 @@ def plan_append(
     obs_schema = _join_obs(infos)  # raises on conflicting column types, naming the file
 
     n_old = int(manifest["n_datasets"])
-    new_runs = _new_runs(new, len(old), params.shuffle_chunk_size)
+    new_runs = cut_runs(new, params.shuffle_chunk_size, first_input=len(old))
     order = np.random.default_rng(np.random.SeedSequence(params.seed, spawn_key=(2,))).permutation(n_old)
 
     def make(k: int) -> Plan:

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dask.utils import format_bytes
@@ -169,61 +169,60 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _executor(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """How datasets are written: local worker processes or a dask cluster (``--scheduler``, ``--cluster``)."""
+    if args.scheduler is None and args.cluster is None:
+        yield {"workers": args.workers}
+        return
+    from .distributed import cluster_client
+
+    n_workers = None if args.workers == "auto" else args.workers
+    with cluster_client(args.scheduler, n_workers) as client:
+        if args.no_progress and not args.quiet:  # the progress bars print it otherwise
+            print(f"dask: dashboard {client.dashboard_link}", file=sys.stderr)
+        yield {"client": client, "retries": args.retries}
+
+
 def _cmd_shuffle(args: argparse.Namespace) -> int:
     from .plan import plan
 
+    if args.scheduler is not None and args.workers != "auto":  # before anything is planned or opened
+        raise ParameterError(
+            "--workers sizes a local cluster (--cluster local) or the local process pool; a running "
+            "scheduler (--scheduler) brings its own workers"
+        )
     if args.append:
         from .append import already_appended, append, pending_commit, plan_append
 
         kwargs = _append_kwargs(args)
         if args.restart:
             raise ParameterError("--restart cannot be combined with --append")
-        run: dict[str, Any] = {"progress": not args.no_progress, "workers": args.workers}
-        with contextlib.ExitStack() as stack:
-            if args.scheduler is not None or args.cluster is not None:
-                from .distributed import cluster_client
-
-                n_workers = None if args.workers == "auto" else args.workers
-                client = stack.enter_context(cluster_client(args.scheduler, n_workers))
-                run = {"progress": not args.no_progress, "client": client, "retries": args.retries}
+        with _executor(args) as run:
             if pending_commit(args.output) or already_appended(args.inputs, args.output):
-                res = append(args.inputs, args.output, **run, **kwargs)  # finishes a commit / nothing to do
+                res = append(args.inputs, args.output, progress=not args.no_progress, **run, **kwargs)
             else:
                 ap = plan_append(args.inputs, args.output, **kwargs)
                 if not args.quiet:
                     print(f"plan: {ap.describe()}", file=sys.stderr)
-                res = ap.run(**run)
+                res = ap.run(progress=not args.no_progress, **run)
         if res.finished_interrupted:
             print("finished the commit of an interrupted append")
-        if res.already_complete:
-            print(f"{args.output}: the inputs are already in the collection, nothing to do")
-            return 0
-        if res.datasets_resumed:
-            print(f"resumed: {res.datasets_resumed} of {res.n_datasets} datasets already complete")
-        print(f"wrote {res}")
-        return 0
+        already = "the inputs are already in the collection, nothing to do"
+        return _report(args, res, already)
 
-    if args.scheduler is not None and args.workers != "auto":
-        raise ParameterError(
-            "--workers sizes a local cluster (--cluster local) or the local process pool; a running "
-            "scheduler (--scheduler) brings its own workers"
-        )
     p = plan(args.inputs, **_plan_kwargs(args))
     if not args.quiet:
         print(f"plan: {p.describe()}", file=sys.stderr)
-    run = {"progress": not args.no_progress, "restart": args.restart}
-    if args.scheduler is None and args.cluster is None:
-        result = p.run(args.output, workers=args.workers, **run)
-    else:
-        from .distributed import cluster_client
+    with _executor(args) as run:
+        result = p.run(args.output, progress=not args.no_progress, restart=args.restart, **run)
+    return _report(args, result, "already complete, nothing to do")
 
-        n_workers = None if args.workers == "auto" else args.workers
-        with cluster_client(args.scheduler, n_workers) as client:
-            if args.no_progress and not args.quiet:  # the progress bars print it otherwise
-                print(f"dask: dashboard {client.dashboard_link}", file=sys.stderr)
-            result = p.run(args.output, client=client, retries=args.retries, **run)
+
+def _report(args: argparse.Namespace, result: Any, already: str) -> int:
+    """Print what a shuffle or an append did."""
     if result.already_complete:
-        print(f"{args.output}: already complete, nothing to do")
+        print(f"{args.output}: {already}")
         return 0
     if result.datasets_resumed:
         print(f"resumed: {result.datasets_resumed} of {result.n_datasets} datasets already complete")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import os
 import queue
 import signal
@@ -1229,15 +1230,16 @@ def shuffle(
     """
     if mode == "append":
         given = {
-            "shuffle_chunk_size": (shuffle_chunk_size, 1000),
-            "dataset_size": (dataset_size, DEFAULT_DATASET_SIZE),
-            "n_obs_per_chunk": (n_obs_per_chunk, 64),
-            "shard_size": (shard_size, "1GB"),
-            "var_join": (var_join, "outer"),
-            "dtype": (dtype, None),
-            "assignment": (assignment, "balanced"),
+            "shuffle_chunk_size": shuffle_chunk_size,
+            "dataset_size": dataset_size,
+            "n_obs_per_chunk": n_obs_per_chunk,
+            "shard_size": shard_size,
+            "var_join": var_join,
+            "dtype": dtype,
+            "assignment": assignment,
         }
-        ignored = [k for k, (v, default) in given.items() if v != default]
+        defaults = inspect.signature(shuffle).parameters
+        ignored = [k for k, v in given.items() if v != defaults[k].default]
         if ignored:
             raise ParameterError(
                 f"{', '.join(ignored)} cannot be set when appending: the collection keeps its own parameters"

@@ -98,6 +98,13 @@ def _parse_size(name: str, value: int | str) -> int | str:
     return _positive_int(name, value)
 
 
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int, or a :class:`ParameterError` if it is not a non-negative whole number."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ParameterError(f"seed must be a non-negative whole number, got {seed!r}")
+    return int(seed)
+
+
 def _parse_bytes_param(name: str, value: int | str) -> int:
     if isinstance(value, str):
         try:
@@ -175,10 +182,7 @@ class Parameters:
             With a message naming the parameter.
         """
         drawn = seed is None
-        if seed is None:
-            seed = int(np.random.SeedSequence().entropy % (2**63))
-        elif isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ParameterError(f"seed must be a non-negative whole number, got {seed!r}")
+        seed = int(np.random.SeedSequence().entropy % (2**63)) if seed is None else check_seed(seed)
         if var_join not in ("outer", "inner"):
             raise ParameterError(f"var_join must be 'outer' or 'inner', got {var_join!r}")
         if assignment not in ("balanced", "uniform"):
@@ -716,6 +720,22 @@ def _obs_bytes_per_row(schema: dict[str, ColumnSpec]) -> float:
     return total
 
 
+def cut_runs(infos: list[SourceInfo], chunk: int, first_input: int = 0) -> np.ndarray:
+    """Each input's rows cut into runs of ``chunk`` rows (the last of an input may be shorter).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_runs, 3)`` int64: input index (counted from ``first_input``), start, stop; in input order.
+    """
+    parts = []
+    for j, info in enumerate(infos):
+        starts = np.arange(0, info.n_obs, chunk, dtype=np.int64)
+        stops = np.minimum(starts + chunk, info.n_obs)
+        parts.append(np.stack([np.full_like(starts, first_input + j), starts, stops], axis=1))
+    return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+
+
 def _assign_runs(runs: np.ndarray, n_datasets: int, rng: np.random.Generator) -> np.ndarray:
     """Permute the runs, then cut the permuted sequence into ``n_datasets`` groups of about equal rows."""
     n_runs = len(runs)
@@ -810,12 +830,7 @@ def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibra
     index_dtype = _smallest_unsigned(len(var_names))
 
     c = params.shuffle_chunk_size
-    parts = []
-    for idx, info in enumerate(infos):
-        starts = np.arange(0, info.n_obs, c, dtype=np.int64)
-        stops = np.minimum(starts + c, info.n_obs)
-        parts.append(np.stack([np.full_like(starts, idx), starts, stops], axis=1))
-    runs = np.concatenate(parts)
+    runs = cut_runs(infos, c)
     n_obs = int(sum(i.n_obs for i in infos))
 
     stub = Plan(

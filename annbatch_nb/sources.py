@@ -18,7 +18,6 @@ import contextlib
 import glob
 import multiprocessing
 import os
-import pickle
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -1261,24 +1260,13 @@ _MANIFEST_CACHE_SIZE = 4096
 
 
 def manifests_of(infos: Sequence[SourceInfo]) -> dict[tuple[str, int, float], Any]:
-    """The manifests this process built for ``infos`` read virtualized, to ship to workers.
+    """The manifests this process built for local ``infos`` read virtualized, to ship to workers.
 
-    Only manifests that pickle are returned (one over an object store holds a store client that may not);
-    a worker parses the others itself.
+    Manifests of objects on a store are left out: their store client does not pickle (obstore panics), so a
+    worker parses those itself.
     """
-    out = {}
-    for i in infos:
-        key = (i.path, i.size_bytes, i.mtime)
-        if i.reader != "virtual" or key not in _MANIFESTS:
-            continue
-        try:
-            pickle.dumps(_MANIFESTS[key])
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException:  # obstore's Rust side panics (a BaseException) on some stores
-            continue
-        out[key] = _MANIFESTS[key]
-    return out
+    keys = [(i.path, i.size_bytes, i.mtime) for i in infos if i.reader == "virtual" and not is_url(i.path)]
+    return {k: _MANIFESTS[k] for k in keys if k in _MANIFESTS}
 
 
 def remember_manifests(manifests: dict[tuple[str, int, float], Any]) -> None:

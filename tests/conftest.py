@@ -7,6 +7,9 @@ checks here read outputs and inputs with anndata/zarr directly, independently of
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +142,18 @@ def inputs(tmp_path: Path):
     factory = InputFactory(tmp_path / "inputs")
     yield factory
     factory.assert_unchanged()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``annbatch-nb ARGS`` in a fresh interpreter (a real process: crash tests kill it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "annbatch_nb.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def shuffle(inputs: Any, output: str | Path, **kwargs: Any) -> abn.ShuffleResult:

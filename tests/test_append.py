@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
-from conftest import GENES, categorical, floats, ints, make_adata, read_collection, tree_digest, write_adata
+from conftest import (
+    GENES,
+    categorical,
+    floats,
+    ints,
+    make_adata,
+    read_collection,
+    run_cli,
+    tree_digest,
+    write_adata,
+)
 from test_compat import assert_loader_serves_collection
 
 import annbatch_nb as abn
@@ -165,7 +173,7 @@ def test_append_twice_and_again_is_a_no_op(files, coll: Path) -> None:
     assert len(manifest["appends"]) == 2
     recorded = abn.validate(coll, inputs="recorded")  # the manifest lists old + new, in order
     assert recorded.ok and recorded.checked_cells == 1600
-    proc = _cli("validate", str(coll), "--recorded-inputs", "--sample", "50")
+    proc = run_cli("validate", str(coll), "--recorded-inputs", "--sample", "50")
     assert proc.returncode == 0 and "valid" in proc.stdout, proc.stderr
     # shuffle(mode="append") is the same call
     with pytest.raises(ParameterError, match="shuffle_chunk_size cannot be set when appending"):
@@ -193,22 +201,11 @@ def test_cancel_leaves_the_collection_as_it_was(files, coll: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # Kill -9 during an append (CLI), then re-run: identical bytes to an uninterrupted append
 # --------------------------------------------------------------------------------------------------
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "annbatch_nb.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.fixture(scope="module")
 def appended_reference(files, base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("append-ref") / "coll.zarr"
     shutil.copytree(base, out)
-    proc = _cli("shuffle", *files["new"], "-o", str(out), "--append", "--rewrite", "0.5", "--no-progress")
+    proc = run_cli("shuffle", *files["new"], "-o", str(out), "--append", "--rewrite", "0.5", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "of a full rewrite" in proc.stderr  # the plan is stated before the work
     return tree_digest(out)
@@ -229,12 +226,12 @@ def test_kill_during_append_then_rerun_gives_identical_bytes(
     import annbatch
 
     args = ["shuffle", *files["new"], "-o", str(coll), "--append", "--rewrite", "0.5", "--no-progress", "-q"]
-    killed = _cli(*args, env={"ANNBATCH_NB_STOP_AT": point})
+    killed = run_cli(*args, env={"ANNBATCH_NB_STOP_AT": point})
     assert killed.returncode == -9, killed.stderr
     assert annbatch.DatasetCollection(str(coll), mode="r").is_empty is not loadable
     if loadable:
         assert abn.validate(coll, inputs=files["old"]).ok
-    resumed = _cli(*args)
+    resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     if not loadable:
         assert "finished the commit of an interrupted append" in resumed.stdout
@@ -296,11 +293,11 @@ def test_append_refuses_when_an_original_input_changed(files, tmp_path: Path) ->
 def test_cli_plan_append_to_reports_cost_and_quality(files, base: Path) -> None:
     import json
 
-    proc = _cli("plan", *files["new"], "--append-to", str(base), "--rewrite", "0.25", "--json")
+    proc = run_cli("plan", *files["new"], "--append-to", str(base), "--rewrite", "0.25", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["n_obs"] == 1600 and len(summary["datasets_rewritten"]) == 1
     assert 0 < summary["cost_ratio"] < 1 and 0 < summary["quality"] <= summary["full_rewrite_quality"]
-    bad = _cli("shuffle", *files["new"], "-o", str(base), "--append", "--dataset-size", "10")
+    bad = run_cli("shuffle", *files["new"], "-o", str(base), "--append", "--dataset-size", "10")
     assert bad.returncode == 2 and "--dataset-size cannot be set when appending" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import zarr
+from conftest import run_cli
 
 import annbatch_nb as abn
 from annbatch_nb.demo import make_demo_data
@@ -33,17 +34,6 @@ def _digest(path: Path) -> dict[str, str]:
     return out
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "annbatch_nb.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     d = tmp_path_factory.mktemp("crash-inputs")
@@ -53,7 +43,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 @pytest.fixture(scope="module")
 def reference(inputs: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     out = tmp_path_factory.mktemp("crash-ref") / "ref.zarr"
-    proc = _cli("shuffle", *inputs, "-o", str(out), *PARAMS)
+    proc = run_cli("shuffle", *inputs, "-o", str(out), *PARAMS)
     assert proc.returncode == 0, proc.stderr
     return _digest(out)
 
@@ -96,10 +86,11 @@ def test_kill_anywhere_then_resume_gives_identical_bytes(
     untouched_inputs: list[str], reference: dict[str, str], tmp_path: Path, point: str, already_done: int
 ) -> None:
     out = tmp_path / "out.zarr"
-    killed = _cli("shuffle", *untouched_inputs, "-o", str(out), *PARAMS, env={"ANNBATCH_NB_STOP_AT": point})
+    args = ["shuffle", *untouched_inputs, "-o", str(out), *PARAMS]
+    killed = run_cli(*args, env={"ANNBATCH_NB_STOP_AT": point})
     assert killed.returncode == -9, killed.stderr
     _not_loadable(out)
-    resumed = _cli("shuffle", *untouched_inputs, "-o", str(out), *PARAMS)
+    resumed = run_cli("shuffle", *untouched_inputs, "-o", str(out), *PARAMS)
     assert resumed.returncode == 0, resumed.stderr
     if already_done:
         assert f"resumed: {already_done} of 5 datasets already complete" in resumed.stdout
@@ -113,15 +104,15 @@ def test_rerun_without_a_seed_resumes_with_the_recorded_one(
     """The same command, seed drawn each time: the re-run adopts the seed the interrupted run recorded."""
     out = tmp_path / "out.zarr"
     args = ["shuffle", *untouched_inputs, "-o", str(out), *[a for a in PARAMS if a not in ("--seed", "11")]]
-    killed = _cli(*args, env={"ANNBATCH_NB_STOP_AT": "dataset-written:2"})
+    killed = run_cli(*args, env={"ANNBATCH_NB_STOP_AT": "dataset-written:2"})
     assert killed.returncode == -9, killed.stderr
     recorded = zarr.open_group(str(out), mode="r")["annbatch_nb"].attrs["params"]["seed"]
-    resumed = _cli(*args)
+    resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed: 2 of 5 datasets already complete" in resumed.stdout
     assert zarr.open_group(str(out), mode="r")["annbatch_nb"].attrs["params"]["seed"] == recorded
     assert abn.validate(out, inputs=untouched_inputs).ok
-    again = _cli(*args)
+    again = run_cli(*args)
     assert again.returncode == 0 and "already complete" in again.stdout
 
 
@@ -168,7 +159,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(inputs: list[st
         (out / "annbatch_nb").mkdir(parents=True)
         lock = {"pid": sleeper.pid, "host": os.uname().nodename, "since": "2026-01-01T00:00:00"}
         (out / "annbatch_nb" / "lock.json").write_text(json.dumps(lock))
-        proc = _cli("shuffle", *inputs, "-o", str(out), *PARAMS)
+        proc = run_cli("shuffle", *inputs, "-o", str(out), *PARAMS)
         assert proc.returncode == 2
         assert f"locked by another run (pid {sleeper.pid} on host {lock['host']}" in proc.stderr
         assert not (out / "dataset_0").exists()
@@ -176,7 +167,7 @@ def test_second_writer_is_refused_while_the_first_holds_the_lock(inputs: list[st
         sleeper.kill()
         sleeper.wait()
     # the holder is gone now: its stale lock is taken over
-    proc = _cli("shuffle", *inputs, "-o", str(out), *PARAMS)
+    proc = run_cli("shuffle", *inputs, "-o", str(out), *PARAMS)
     assert proc.returncode == 0, proc.stderr
     assert not (out / "annbatch_nb" / "lock.json").exists()
 
@@ -190,17 +181,17 @@ def test_changed_input_refuses_resume_and_restart_starts_over(inputs: list[str],
         dst.write_bytes(Path(p).read_bytes())
         copies.append(str(dst))
     out = tmp_path / "out.zarr"
-    killed = _cli(
+    killed = run_cli(
         "shuffle", *copies, "-o", str(out), *PARAMS, env={"ANNBATCH_NB_STOP_AT": "dataset-written:1"}
     )
     assert killed.returncode == -9
     os.utime(copies[1], (1_000_000_000, 1_000_000_000))  # the input changed (mtime)
-    proc = _cli("shuffle", *copies, "-o", str(out), *PARAMS)
+    proc = run_cli("shuffle", *copies, "-o", str(out), *PARAMS)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out}: was started from {copies[1]}")
     assert "--restart" in proc.stderr
     (out / "notes.txt").write_text("mine")  # something of the user's in the output folder
-    proc = _cli("shuffle", *copies, "-o", str(out), *PARAMS, "--restart")
+    proc = run_cli("shuffle", *copies, "-o", str(out), *PARAMS, "--restart")
     assert proc.returncode == 0, proc.stderr
     assert abn.validate(out, inputs=copies).ok
     assert (out / "notes.txt").read_text() == "mine", "restart must delete only what annbatch-nb wrote"

@@ -19,7 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import GENES, categorical, floats, make_adata, read_collection, tree_digest, write_adata
+from conftest import (
+    GENES,
+    categorical,
+    floats,
+    make_adata,
+    read_collection,
+    run_cli,
+    tree_digest,
+    write_adata,
+)
 
 import annbatch_nb as abn
 from annbatch_nb.sources import H5adSource, VirtualH5adSource, open_source
@@ -158,28 +167,17 @@ def test_annbatch_loader_reads_the_s3_collection(s3: MotoServer, local_twin: Pat
     assert np.array_equal(np.sort(np.concatenate(served)), np.arange(ref.shape[0]))
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "annbatch_nb.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-
-
 CLI_PARAMS = ["--shuffle-chunk-size", "40", "--dataset-size", "300", "--shard-size", "16KB"]
 CLI_PARAMS += ["--n-obs-per-chunk", "16", "--seed", "7", "--no-progress", "-q", "--virtualize", "yes"]
 
 
 def test_kill_on_s3_then_resume_gives_identical_bytes(s3: MotoServer, local_twin: Path) -> None:
     url = f"s3://{BUCKET}/out/killed.zarr"
-    killed = _cli("shuffle", *INPUTS, "-o", url, *CLI_PARAMS, env={"ANNBATCH_NB_STOP_AT": "shard:1"})
+    killed = run_cli("shuffle", *INPUTS, "-o", url, *CLI_PARAMS, env={"ANNBATCH_NB_STOP_AT": "shard:1"})
     assert killed.returncode == -9, killed.stderr
     assert not abn.validate(url).ok  # no marker: not a collection yet
     assert "annbatch_nb/lock.json" in _remote_digest(url)  # the dead run's lock is still there
-    resumed = _cli("shuffle", *INPUTS, "-o", url, *CLI_PARAMS)
+    resumed = run_cli("shuffle", *INPUTS, "-o", url, *CLI_PARAMS)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed: 1 of" in resumed.stdout
     assert _remote_digest(url) == tree_digest(local_twin)
