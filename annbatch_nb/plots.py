@@ -146,6 +146,11 @@ def dataset_grid(min_rows: int, max_rows: int, *, points: int = 48) -> np.ndarra
 # --------------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------------
+def _point(xy: tuple[float, float] | None) -> tuple[list[float], list[float]]:
+    """A one-point line's data, or an empty one."""
+    return ([xy[0]], [xy[1]]) if xy else ([], [])
+
+
 class PlotPanel:
     """A figure rendered with Agg to PNG, with blitted (animated) artists for fast marker updates.
 
@@ -158,6 +163,9 @@ class PlotPanel:
     ncols
         Number of side-by-side axes.
     """
+
+    #: Whether the y axis is logarithmic (the measured marker widens it accordingly).
+    log_y = False
 
     def __init__(self, width: float = 4.3, height: float = 2.9, dpi: int = 90, ncols: int = 1) -> None:
         self.figure = Figure(figsize=(width, height), dpi=dpi)
@@ -197,6 +205,29 @@ class PlotPanel:
             self._set_ylim(ax, lo, _pow2_ceil(y * 1.5) if log else _nice_ceiling(y * 1.15))
         elif log and 0 < y < lo:
             self._set_ylim(ax, _pow2_floor(y / 1.5), hi)
+
+    def _mark(
+        self, current: tuple[float, float] | None, measured: tuple[float, float] | None, text: str
+    ) -> None:
+        """Place the current-choice marker with its label ``text``, and the measured marker (None hides)."""
+        self.current.set_data(*_point(current))
+        self.measured.set_data(*_point(measured))
+        if current:
+            self._place_label(self.label, self.ax, current, text)
+        else:
+            self.label.set_visible(False)
+
+    def set_measured(self, measured: tuple[float, float] | None) -> None:
+        """Only move the measured marker (``(x, measured value)``), e.g. while a run goes on.
+
+        Parameters
+        ----------
+        measured
+            The point, or None to hide it.
+        """
+        self.measured.set_data(*_point(measured))
+        if measured:
+            self._cover_y(self.ax, measured[1], log=self.log_y)
 
     def _place_label(self, label: Any, ax: Axes, xy: tuple[float, float], text: str) -> None:
         """Put a marker's label beside it, on the side with room."""
@@ -280,6 +311,8 @@ class MemoryPlot(PlotPanel):
     All are blitted over a cached background; the figure is redrawn in full only when an axis limit moves.
     """
 
+    log_y = True
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         ax = self.ax
@@ -338,24 +371,7 @@ class MemoryPlot(PlotPanel):
             new_lo, new_hi = _pow2_floor(min(values) / 1.5), _pow2_ceil(max(values) * 1.5)
             if new_lo != lo or new_hi != hi:
                 self._set_ylim(self.ax, new_lo, new_hi)
-        self.current.set_data(*(([current[0]], [current[1]]) if current else ([], [])))
-        self.measured.set_data(*(([measured[0]], [measured[1]]) if measured else ([], [])))
-        if current:
-            self._place_label(self.label, self.ax, current, _bytes(current[1]))
-        else:
-            self.label.set_visible(False)
-
-    def set_measured(self, measured: tuple[float, float] | None) -> None:
-        """Only move the measured marker (``(rows, peak RSS)``), e.g. while a run goes on.
-
-        Parameters
-        ----------
-        measured
-            The point, or None to hide it.
-        """
-        self.measured.set_data(*(([measured[0]], [measured[1]]) if measured else ([], [])))
-        if measured:
-            self._cover_y(self.ax, measured[1], log=True)
+        self._mark(current, measured, _bytes(current[1]) if current else "")
 
 
 class _ChunkPlot(PlotPanel):
@@ -422,24 +438,7 @@ class _ChunkPlot(PlotPanel):
             self._set_xlim(self.ax, xlim[0] / 1.3, xlim[1] * 1.3)
         ys = [*y.tolist(), *([current[1]] if current else []), *([measured[1]] if measured else [])]
         self._fit_y([v for v in ys if np.isfinite(v)])
-        self.current.set_data(*(([current[0]], [current[1]]) if current else ([], [])))
-        self.measured.set_data(*(([measured[0]], [measured[1]]) if measured else ([], [])))
-        if current:
-            self._place_label(self.label, self.ax, current, self._label(current[1]))
-        else:
-            self.label.set_visible(False)
-
-    def set_measured(self, measured: tuple[float, float] | None) -> None:
-        """Only move the measured marker (``(shuffle_chunk_size, value)``), e.g. while a run goes on.
-
-        Parameters
-        ----------
-        measured
-            The point, or None to hide it.
-        """
-        self.measured.set_data(*(([measured[0]], [measured[1]]) if measured else ([], [])))
-        if measured:
-            self._cover_y(self.ax, measured[1], log=False)
+        self._mark(current, measured, self._label(current[1]) if current else "")
 
 
 class ThroughputPlot(_ChunkPlot):
