@@ -26,7 +26,7 @@ from .errors import (
     OutputError,
     ParameterError,
 )
-from .plan import Parameters, Plan, build_plan, plan, scan, sweep
+from .plan import Parameters, Plan, VarOverlap, build_plan, plan, scan, scan_table, sweep, var_overlap
 from .predict import Calibration, calibrate
 from .sources import VirtualizationFallback
 
@@ -44,6 +44,7 @@ __all__ = [
     "Plan",
     "ShuffleResult",
     "ValidationReport",
+    "VarOverlap",
     "VirtualizationFallback",
     "__version__",
     "append",
@@ -53,9 +54,11 @@ __all__ = [
     "plan",
     "plan_append",
     "scan",
+    "scan_table",
     "shuffle",
     "sweep",
     "validate",
+    "var_overlap",
 ]
 
 

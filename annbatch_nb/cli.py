@@ -148,7 +148,7 @@ def _append_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import plan
+    from .plan import plan, scan_table, var_overlap
 
     if args.append_to:
         from .append import plan_append
@@ -161,11 +161,17 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(p.summary(), indent=2))
     else:
         print(p.describe())
-        for info in p.inputs:
+        table = scan_table(p.inputs)
+        for info, row in zip(p.inputs, table.itertuples(), strict=True):
+            chunk = f"chunks of {info.x_chunk:,}" if info.x_chunk else "contiguous"
             print(
                 f"  {info.display}: {info.n_obs:,} cells x {info.n_vars:,} genes, "
-                f"{info.x_kind} {info.dtype.name}, {format_bytes(info.size_bytes)} on disk"
+                f"{info.x_kind} {info.dtype.name} ({row.density:.1%} stored), "
+                f"{format_bytes(info.size_bytes)} on disk, {chunk}, {info.x_compression}; "
+                f"{row.genes_only_here:,} genes in no other input"
             )
+        overlap = var_overlap(p.inputs)
+        print(f"  genes: {overlap.n_union:,} in any input, {overlap.n_intersection:,} in every input")
     return 0
 
 

@@ -55,6 +55,9 @@ __all__ = [
     "make_unique",
     "plan",
     "scan",
+    "scan_table",
+    "sweep",
+    "var_overlap",
 ]
 
 #: Default dataset size: the largest dataset whose predicted peak memory fits ``memory_fraction`` of the
@@ -662,6 +665,11 @@ class Plan:
             "time": self.time.to_dict(),
             "calibration": self.calibration.source,
             "params": self.params.to_dict(),
+            "var_overlap": var_overlap(self.inputs).to_dict(),
+            "inputs": [
+                {k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items()}
+                for r in scan_table(self.inputs).reset_index().to_dict("records")
+            ],
         }
 
     def describe(self) -> str:
@@ -901,6 +909,125 @@ def scan(
             s.close()
 
 
+def _infos(
+    inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+) -> list[SourceInfo]:
+    if isinstance(inputs, list) and inputs and all(isinstance(i, SourceInfo) for i in inputs):
+        return inputs  # type: ignore[return-value]
+    return scan(inputs)  # type: ignore[arg-type]
+
+
+def _incidence(infos: list[SourceInfo]) -> tuple[Any, pd.Index]:
+    """Sparse inputs x genes matrix (1 where an input has a gene) and the genes' union, first seen first."""
+    import scipy.sparse as sp
+
+    codes, union = pd.factorize(pd.Index(np.concatenate([np.asarray(i.var_names) for i in infos])))
+    rows = np.repeat(np.arange(len(infos)), [i.n_vars for i in infos])
+    m = sp.csr_matrix((np.ones(len(codes), dtype=np.int32), (rows, codes)), shape=(len(infos), len(union)))
+    return m, pd.Index(union)
+
+
+def scan_table(
+    inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+) -> pd.DataFrame:
+    """One row per input: shape, sparsity, storage and how its genes overlap the other inputs'.
+
+    Parameters
+    ----------
+    inputs
+        Scanned inputs (:func:`scan`) or paths.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by input (as given), columns ``format``, ``reader``, ``n_obs``, ``n_vars``, ``x_kind``,
+        ``dtype``, ``nnz``, ``density`` (stored entries / cells x genes), ``x_chunk`` (stored chunk length
+        along X's first axis: CSR entries or dense rows; 0 contiguous), ``x_compression``, ``size_bytes`` (on
+        disk), ``raw_x_bytes`` (uncompressed X), ``genes_in_all`` (its genes that every input has),
+        ``genes_only_here`` (its genes that no other input has) and ``union_share`` (its genes / all inputs'
+        genes).
+    """
+    infos = _infos(inputs)
+    m, union = _incidence(infos)
+    in_inputs = np.asarray(m.sum(axis=0)).ravel()
+    in_all = m @ (in_inputs == len(infos)).astype(np.int64)
+    only_here = m @ (in_inputs == 1).astype(np.int64)
+    return pd.DataFrame(
+        {
+            "format": [i.format for i in infos],
+            "reader": [i.reader for i in infos],
+            "n_obs": [i.n_obs for i in infos],
+            "n_vars": [i.n_vars for i in infos],
+            "x_kind": [i.x_kind for i in infos],
+            "dtype": [i.dtype.name for i in infos],
+            "nnz": [i.nnz for i in infos],
+            "density": [i.nnz / max(i.n_obs * i.n_vars, 1) for i in infos],
+            "x_chunk": [i.x_chunk for i in infos],
+            "x_compression": [i.x_compression for i in infos],
+            "size_bytes": [i.size_bytes for i in infos],
+            "raw_x_bytes": [i.raw_x_bytes for i in infos],
+            "genes_in_all": np.asarray(in_all, dtype=np.int64),
+            "genes_only_here": np.asarray(only_here, dtype=np.int64),
+            "union_share": [i.n_vars / max(len(union), 1) for i in infos],
+        },
+        index=pd.Index([i.display for i in infos], name="input"),
+    )
+
+
+@dataclass(frozen=True)
+class VarOverlap:
+    """How the inputs' gene sets overlap.
+
+    Attributes
+    ----------
+    n_union
+        Genes in any input (the output's var with ``var_join="outer"``).
+    n_intersection
+        Genes in every input (the output's var with ``var_join="inner"``).
+    shared
+        Inputs x inputs: genes two inputs have in common (the diagonal: each input's genes).
+    """
+
+    n_union: int
+    n_intersection: int
+    shared: pd.DataFrame
+
+    def jaccard(self) -> pd.DataFrame:
+        """Inputs x inputs: shared genes / genes in either of the two."""
+        s = self.shared.to_numpy(dtype=np.float64)
+        n = np.diag(s)
+        return pd.DataFrame(
+            s / (n[:, None] + n[None, :] - s), index=self.shared.index, columns=self.shared.columns
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (without the pairwise table)."""
+        return {"n_union": self.n_union, "n_intersection": self.n_intersection}
+
+
+def var_overlap(
+    inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+) -> VarOverlap:
+    """The genes the inputs share: union, intersection and every pair's shared count.
+
+    Parameters
+    ----------
+    inputs
+        Scanned inputs (:func:`scan`) or paths.
+
+    Returns
+    -------
+    VarOverlap
+        The overlap.
+    """
+    infos = _infos(inputs)
+    m, union = _incidence(infos)
+    shared = (m @ m.T).toarray().astype(np.int64)
+    names = pd.Index([i.display for i in infos], name="input")
+    n_all = int((np.asarray(m.sum(axis=0)).ravel() == len(infos)).sum())
+    return VarOverlap(len(union), n_all, pd.DataFrame(shared, index=names, columns=names))
+
+
 def plan(
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     *,
@@ -1008,11 +1135,7 @@ def sweep(
         calibration = calibration or inputs.calibration
     else:
         base = {}
-        infos = (
-            inputs
-            if isinstance(inputs, list) and inputs and isinstance(inputs[0], SourceInfo)
-            else scan(inputs)
-        )  # type: ignore[arg-type]
+        infos = _infos(inputs)
         calibration = calibration or cached_calibration(infos)
     base.update(params)
     rows = []

@@ -221,9 +221,14 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         )
         hit = new_range & (formats[r[:, 0]] == fmt)
         table[f"calls_{fmt}"] = np.bincount(ks[hit], weights=arrays[r[hit, 0]], minlength=kd)
-    # largest contiguous range read from an input whose reader returns a new array (zarr, virtual h5ad), which
-    # the engine then copies into its buffer: a temporary of the range's data and indices
-    copies = [i.reader in ("zarr", "virtual") or (not i.reader and i.format == "zarr") for i in infos]
+    # largest contiguous range read from an input whose reader returns a new array (zarr-python, virtual
+    # h5ad), which the engine then copies into its buffer: a temporary of the range's data and indices, plus
+    # zarr's decode buffers. Where the engine decodes X's chunks itself (``x_direct``), only the chunks being
+    # decoded are held: per reading thread one compressed and one decoded chunk.
+    copies = [
+        (i.reader in ("zarr", "virtual") or (not i.reader and i.format == "zarr")) and not i.x_direct
+        for i in infos
+    ]
     temp_row = np.array(
         [
             (i.nnz / max(i.n_obs, 1)) * (i.dtype.itemsize + 4) if c else 0.0
@@ -238,12 +243,26 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     table["read_temp"] = np.zeros(kd)
     np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
     decode = np.array(
-        [min(ZARR_READ_BYTES, 0.5 * i.raw_x_bytes) if c else 0.0 for i, c in zip(infos, copies, strict=True)]
+        [
+            _direct_read_bytes(i) if i.x_direct else min(ZARR_READ_BYTES, 0.5 * i.raw_x_bytes) if c else 0.0
+            for i, c in zip(infos, copies, strict=True)
+        ]
     )
     table["read_decode"] = np.zeros(kd)
     np.maximum.at(table["read_decode"], ks[new_range], decode[r[new_range, 0]])
     plan._cache["dataset_table"] = table
     return table
+
+
+def _direct_read_bytes(info: SourceInfo) -> float:
+    """Held while the engine decodes ``info``'s X chunks itself: a compressed and a decoded chunk per thread.
+
+    Mirrors ``sources._ZarrChunks.read_into`` (``data``, then ``indices``, on its pool of one thread per CPU,
+    at most 4). The compressed chunk is counted at full size (an upper bound).
+    """
+    threads = max(1, min(os.cpu_count() or 1, 4))
+    itemsize = max(info.dtype.itemsize, 4)  # data, then int32 indices
+    return float(threads * 2 * info.x_chunk * itemsize)
 
 
 def _obs_row_bytes(plan: Plan) -> float:
@@ -323,9 +342,11 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
       ``shard entries * (it + index itemsize) * ratio``, plus the blocks in flight (two per thread).
     - obs: three row-sized copies of the columns (pieces, frame, permuted frame) and the names' pointers.
     - five int64 row vectors (counts, row nnz, permutation, output nnz, output indptr).
-    - reading a zarr (or virtual h5ad) input: the largest contiguous range's data and indices as a temporary
-      array (``Source._read_range`` returns new arrays; h5py reads straight into the buffer), plus
-      zarr's decode buffers (:data:`ZARR_READ_BYTES`, at most half the input's raw X).
+    - reading a zarr (or virtual h5ad) input through zarr-python: the largest contiguous range's data and
+      indices as a temporary array (``Source._read_range`` returns new arrays; h5py reads straight into the
+      buffer), plus zarr's decode buffers (:data:`ZARR_READ_BYTES`, at most half the input's raw X); a local
+      zarr input whose chunks the engine decodes itself (``SourceInfo.x_direct``): a compressed and a decoded
+      chunk per reading thread (:func:`_direct_read_bytes`).
     """
     t = _dataset_table(plan)
     rows, nnz = t["rows"], t["nnz"]

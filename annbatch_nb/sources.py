@@ -268,6 +268,14 @@ class SourceInfo:
     reader
         How the input is read: ``h5py``, ``virtual`` (an ``.h5ad`` through a virtualizarr manifest) or
         ``zarr``. Not part of the input's identity: every reader gives the same values.
+    x_chunk
+        Length of one stored chunk of X along its first axis (entries of CSR ``data``, rows of dense X; the
+        inner chunk of a sharded zarr array); 0 where X is stored contiguously (unchunked HDF5).
+    x_compression
+        X's compressor (``zstd``, ``blosc``, ``gzip``, ``lzf``, ...; ``none``; several joined by ``+``).
+    x_direct
+        Whether the engine decodes X's chunks itself (a local zarr store in a layout it knows, see
+        :class:`_ZarrChunks`) rather than through zarr-python; the planner's memory model depends on it.
     """
 
     path: str
@@ -284,6 +292,9 @@ class SourceInfo:
     size_bytes: int = 0
     mtime: float = 0.0
     reader: str = ""
+    x_chunk: int = 0
+    x_compression: str = ""
+    x_direct: bool = False
 
     @property
     def raw_x_bytes(self) -> int:
@@ -365,6 +376,12 @@ class Source(ABC):
 
     def _read_range_into(self, arr: Any, lo: int, hi: int, out: np.ndarray) -> None:
         out[...] = self._read_range(arr, lo, hi)
+
+    def _storage(self, arr: Any) -> tuple[int, str]:
+        """Chunk length along the first axis (0: contiguous) and compressor name of a zarr-like array."""
+        chunks = getattr(arr, "chunks", None)
+        names = [_codec_name(c) for c in getattr(arr, "compressors", ()) or ()]
+        return (int(chunks[0]) if chunks else 0), "+".join(names) or "none"
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def stat(self) -> tuple[int, float]:
@@ -463,6 +480,7 @@ class Source(ABC):
         if len(obs_names) != n_obs:
             raise self._fail(f"obs has {len(obs_names)} rows but X has {n_obs}; the file is corrupt")
         obs_columns = self._scan_obs(root["obs"])
+        x_chunk, x_compression = self._storage(x if x_kind == "dense" else x["data"])
         size, mtime = self._disk_stat()
         return SourceInfo(
             path=self.spec.path,
@@ -479,6 +497,8 @@ class Source(ABC):
             size_bytes=size,
             mtime=mtime,
             reader=self.reader,
+            x_chunk=x_chunk,
+            x_compression=x_compression,
         )
 
     def _read_index(self, df_group: Any, what: str) -> pd.Index:
@@ -706,6 +726,21 @@ def _remote_stat(spec: InputSpec) -> tuple[int, float]:
     return int(meta["size"]), float(meta["last_modified"].timestamp())
 
 
+#: HDF5 filter names by h5py's key (registered plugin ids for the common compressors).
+_H5_FILTERS = {"32001": "blosc", "32015": "zstd", "32004": "lz4", "307": "bzip2", "32008": "bitshuffle"}
+#: HDF5 filters that do not compress.
+_H5_NOT_COMPRESSION = {"shuffle", "fletcher32", "scaleoffset", "nbit"}
+
+
+def _codec_name(codec: Any) -> str:
+    """``zstd``, ``blosc``, ``gzip``, ... of a zarr v3 codec or a numcodecs codec."""
+    name = getattr(codec, "codec_id", None)
+    if name is None:
+        name = type(codec).__name__.removesuffix("Codec")
+    name = str(name).lower()
+    return "gzip" if name == "zlib" else name  # HDF5's deflate, as zarr's manifest names it
+
+
 def _file_stat(spec: InputSpec) -> tuple[int, float]:
     if is_url(spec.path):
         return _remote_stat(spec)
@@ -755,6 +790,10 @@ class H5adSource(Source):
 
     def _is_array(self, node: Any) -> bool:
         return isinstance(node, h5py.Dataset)
+
+    def _storage(self, arr: Any) -> tuple[int, str]:
+        names = [_H5_FILTERS.get(str(f), str(f)) for f in arr._filters if str(f) not in _H5_NOT_COMPRESSION]
+        return (int(arr.chunks[0]) if arr.chunks else 0), "+".join(names) or "none"
 
     def _layout(self, arr: Any) -> _RawLayout | None:
         """Byte layout of an uncompressed numeric dataset of a local file (cached), else None.
@@ -857,6 +896,15 @@ class ZarrSource(Source):
         import zarr
 
         return isinstance(node, zarr.Array)
+
+    def _scan(self) -> SourceInfo:
+        info = super()._scan()
+        if (
+            type(self) is ZarrSource and info.x_kind == "csr"
+        ):  # the engine reads such X itself (read_csr_into)
+            x = self.root["X"]
+            info.x_direct = all(self._chunk_reader(x[k]) is not None for k in ("data", "indices"))
+        return info
 
     def _merge_gap(self, arr: Any) -> int:
         # zarr decodes whole (inner) chunks per read: ranges within a chunk or two of each other are read

@@ -290,3 +290,41 @@ def test_the_two_h5ad_read_paths_are_priced_apart() -> None:
     # X bytes cost twice as much through the manifest here; every other part is the same
     assert t_virtual.x == pytest.approx(2 * t_h5py.x) and t_virtual.x > 0
     assert (t_virtual.calls, t_virtual.obs) == pytest.approx((t_h5py.calls, t_h5py.obs))
+
+
+def test_direct_zarr_reads_hold_only_their_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the engine decodes a zarr input's chunks itself, no range temporary: a chunk pair per thread."""
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    h5ad = _one_input()
+    direct = _one_input()
+    direct[0].format, direct[0].reader, direct[0].x_direct, direct[0].x_chunk = "zarr", "zarr", True, 500
+    params = Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0)
+    a, b = build_plan(h5ad, params, CAL), build_plan(direct, params, CAL)
+    # two reading threads, each holding one compressed and one decoded chunk of 500 4-byte values
+    assert b.memory.dataset_bytes - a.memory.dataset_bytes == 2 * 2 * 500 * 4
+
+
+def test_scan_table_and_var_overlap_by_hand() -> None:
+    infos = [_one_input(n=10, nnz_per_row=2, genes=4)[0] for _ in range(3)]
+    genes = [["g0", "g1", "g2", "g3"], ["g1", "g2", "g4", "g5"], ["g2", "g1", "g6", "g7"]]
+    for j, (info, names) in enumerate(zip(infos, genes, strict=True)):
+        info.display, info.path = f"f{j}.h5ad", f"/x/f{j}.h5ad"
+        info.var_names = pd.Index(names, dtype=object)
+        info.x_chunk, info.x_compression = 64, "gzip"
+    table = abn.scan_table(infos)
+    assert list(table.index) == ["f0.h5ad", "f1.h5ad", "f2.h5ad"]
+    assert table["genes_in_all"].tolist() == [2, 2, 2]  # g1, g2
+    assert table["genes_only_here"].tolist() == [2, 2, 2]  # g0 g3 | g4 g5 | g6 g7
+    assert table["union_share"].tolist() == pytest.approx([4 / 8] * 3)
+    assert table["density"].tolist() == pytest.approx([0.5] * 3)  # 2 entries per row of 4 genes
+    assert table["x_chunk"].tolist() == [64] * 3 and set(table["x_compression"]) == {"gzip"}
+    overlap = abn.var_overlap(infos)
+    assert (overlap.n_union, overlap.n_intersection) == (8, 2)
+    assert overlap.shared.to_numpy().tolist() == [[4, 2, 2], [2, 4, 2], [2, 2, 4]]
+    assert overlap.jaccard().loc["f0.h5ad", "f1.h5ad"] == pytest.approx(2 / 6)
+    # the CLI's JSON carries both
+    p = build_plan(infos, Parameters.validated(shuffle_chunk_size=5, dataset_size=10, seed=0), CAL)
+    s = p.summary()
+    assert s["var_overlap"] == {"n_union": 8, "n_intersection": 2}
+    assert [r["genes_only_here"] for r in s["inputs"]] == [2, 2, 2]
+    json.dumps(s)  # JSON-able

@@ -176,3 +176,38 @@ def test_ranges_close_together_are_grouped_and_far_ones_are_not() -> None:
     assert _group_ranges(ranges, 5) == [[(0, 10), (15, 20)], [(100, 120), (121, 130)]]
     assert _group_ranges(ranges, 0) == [[r] for r in ranges]  # h5py: every range read apart
     assert _group_ranges(ranges, 1000) == [ranges]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("x", ["csr", "dense"])
+def test_scan_reports_storage(inputs, fmt: str, x: str) -> None:
+    """X's chunk length and compressor as stored, and whether the engine decodes its chunks itself."""
+    import h5py
+    import zarr
+
+    path = inputs.add(f"in{suffix(fmt)}", make_adata(300, GENES[:40], seed=5, x=x), fmt)
+    with open_source(path) as src:
+        info = src.info
+    if fmt == "h5ad":
+        with h5py.File(path) as f:
+            arr = f["X"] if x == "dense" else f["X"]["data"]
+            assert info.x_chunk == (arr.chunks[0] if arr.chunks else 0)
+            assert info.x_compression == (arr.compression or "none")
+    else:
+        g = zarr.open_group(path, mode="r")
+        arr = g["X"] if x == "dense" else g["X"]["data"]
+        assert info.x_chunk == arr.chunks[0] > 0
+        expected = {"zarr3": "zstd", "zarr2": "blosc"}[fmt]  # zarr-python's defaults
+        assert info.x_compression == expected
+    # the engine's own chunk reader serves local zarr CSR X; h5py reads h5ad, zarr-python dense zarr X
+    assert info.x_direct == (fmt != "h5ad" and x == "csr")
+
+
+def test_scan_reports_hdf5_compression(inputs) -> None:
+    adata = make_adata(300, GENES[:40], seed=6)
+    path = inputs.directory / "gz.h5ad"
+    adata.write_h5ad(path, compression="gzip")
+    (info,) = abn.scan([str(path)])
+    assert info.x_compression == "gzip" and info.x_chunk > 0 and not info.x_direct
+    (virtual,) = abn.scan([str(path)], virtualize=True)  # read through a manifest: same storage facts
+    assert (virtual.reader, virtual.x_compression, virtual.x_chunk) == ("virtual", "gzip", info.x_chunk)
