@@ -77,6 +77,10 @@ class Calibration:
     read_call_s
         Fixed cost of one read call on one array (X ``data``/``indices``, an obs column), by input format.
         The engine reads each contiguous range of rows once per array.
+    decode_bytes_per_s
+        Reading and decoding whole compressed chunks of X, per uncompressed byte, by input format: what the
+        bytes of a chunk that a dataset does not keep cost (a run that covers part of a chunk decodes all of
+        it; see :func:`_extra_decoded_bytes`).
     obs_rows_per_s
         Reading, assembling and writing obs and cell names, per row.
     dataset_s
@@ -113,6 +117,9 @@ class Calibration:
     )
     read_call_s: dict[str, float] = field(
         default_factory=lambda: {"h5ad": 2.5e-4, "h5ad-virtual": 1e-3, "zarr": 2e-3}
+    )
+    decode_bytes_per_s: dict[str, float] = field(
+        default_factory=lambda: {"h5ad": 4e8, "h5ad-virtual": 4e8, "zarr": 8e8}
     )
     obs_rows_per_s: float = 1.0e6
     dataset_s: float = 0.2
@@ -151,7 +158,7 @@ class Calibration:
         table: dict[str, float] = getattr(self, name)
         if fmt in table:
             return table[fmt]
-        worst = min if name == "x_bytes_per_s" else max
+        worst = min if name.endswith("_per_s") else max
         return worst(table.values())
 
 
@@ -221,6 +228,7 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         )
         hit = new_range & (formats[r[:, 0]] == fmt)
         table[f"calls_{fmt}"] = np.bincount(ks[hit], weights=arrays[r[hit, 0]], minlength=kd)
+        table[f"decode_{fmt}"] = np.zeros(kd)
     # largest contiguous range read from an input whose reader returns a new array (zarr-python, virtual
     # h5ad), which the engine then copies into its buffer: a temporary of the range's data and indices, plus
     # zarr's decode buffers. Where the engine decodes X's chunks itself (``x_direct``), only the chunks being
@@ -239,6 +247,13 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         temp_row[i_dense] = [infos[j].n_vars * infos[j].dtype.itemsize for j in i_dense]
     range_id = np.cumsum(new_range) - 1
     range_rows = np.bincount(range_id, weights=(r[:, 2] - r[:, 1]).astype(np.float64))
+    range_input = r[new_range, 0]
+    range_lo = r[new_range, 1]
+    range_ds = ks[new_range]
+    extra = _extra_decoded_bytes(infos, range_ds, range_input, range_lo, range_lo + range_rows)
+    for fmt in sorted(set(formats.tolist())):
+        sel = formats[range_input] == fmt
+        table[f"decode_{fmt}"] = np.bincount(range_ds[sel], weights=extra[sel], minlength=kd)
     range_bytes = range_rows * temp_row[r[new_range, 0]]
     table["read_temp"] = np.zeros(kd)
     np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
@@ -252,6 +267,52 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     np.maximum.at(table["read_decode"], ks[new_range], decode[r[new_range, 0]])
     plan._cache["dataset_table"] = table
     return table
+
+
+def _extra_decoded_bytes(
+    infos: list[SourceInfo], ds: np.ndarray, inp: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
+    """Bytes of X decoded but not kept, per range: compressed chunks are decoded whole.
+
+    The ranges (``[lo, hi)`` rows of input ``inp`` read for dataset ``ds``) are sorted by dataset, input and
+    row, and disjoint. Chunks are placed at ``x_chunk`` entries (rows of dense X), with each input's mean
+    entries per row; a chunk that two ranges of one dataset share is decoded once (the engine reads one
+    input's ranges for a dataset in one call). Inputs stored uncompressed, or contiguously, decode nothing.
+    """
+    out = np.zeros(len(lo))
+    if not len(lo):
+        return out
+    per_row = np.array([(i.nnz / max(i.n_obs, 1)) if i.x_kind == "csr" else 1.0 for i in infos])
+    chunk_rows = np.array(
+        [
+            i.x_chunk / max(per_row[j], 1e-12) if i.x_chunk and i.x_compression not in ("", "none") else 0.0
+            for j, i in enumerate(infos)
+        ]
+    )
+    row_bytes = np.array(
+        [
+            (i.nnz / max(i.n_obs, 1)) * (i.dtype.itemsize + 4)
+            if i.x_kind == "csr"
+            else i.n_vars * i.dtype.itemsize
+            for i in infos
+        ]
+    )
+    n_obs = np.array([i.n_obs for i in infos], dtype=np.float64)
+    c = chunk_rows[inp]
+    chunked = c > 0
+    if not chunked.any():
+        return out
+    safe = np.where(chunked, c, 1.0)
+    first = np.floor(lo / safe)
+    last = np.floor((hi - 1) / safe)
+    chunks = last - first + 1
+    same = np.zeros(len(lo), dtype=bool)
+    same[1:] = (ds[1:] == ds[:-1]) & (inp[1:] == inp[:-1]) & (first[1:] == last[:-1])
+    chunks -= same  # a chunk the previous range of this dataset and input already decoded
+    # the decoded rows, the input's last chunk cut at its end
+    decoded = np.minimum(chunks * safe, n_obs[inp])
+    out[chunked] = (np.maximum(decoded - (hi - lo), 0.0) * row_bytes[inp])[chunked]
+    return out
 
 
 def _direct_read_bytes(info: SourceInfo) -> float:
@@ -374,14 +435,15 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     return buffer + scratch + shard + obs + perm_and_pointers + read
 
 
-def _pool_bytes(plan: Plan) -> float:
-    """Bytes of the engine's reused buffers (``BufferPool``) at the largest dataset (first touched once)."""
-    t = _dataset_table(plan)
-    it = plan.dtype.itemsize
-    if plan.x_kind == "csr":
-        nnz = float(t["nnz"].max()) if len(t["nnz"]) else 0.0
-        return nnz * (it + 4) + min(GATHER_ELEMS, nnz) * (it + 4)
-    return float(t["rows"].max()) * plan.n_vars * it if len(t["rows"]) else 0.0
+def _touched_bytes(plan: Plan, calibration: Calibration) -> float:
+    """Memory a process first touches in a run: the run's own, and the largest dataset's buffers.
+
+    Later datasets reuse the buffers (``BufferPool``) or memory freed a moment before, which is quick to
+    touch again; see :func:`_fault_rate`.
+    """
+    per_dataset = dataset_memory(plan, calibration)
+    largest = float(per_dataset.max()) if len(per_dataset) else 0.0
+    return largest + run_memory(plan, calibration)
 
 
 def _shard_elems(plan: Plan) -> int:
@@ -513,6 +575,8 @@ class TimePrediction:
         Read calls (per contiguous row range and array).
     obs
         obs and cell names (per row).
+    decode
+        Decoding the parts of compressed chunks that datasets do not keep (per byte).
     overhead
         Fixed costs: per run, per input opened, per dataset, per input a dataset reads, buffers' first touch.
     serial_seconds
@@ -528,6 +592,7 @@ class TimePrediction:
     overhead: float
     serial_seconds: float = 0.0
     workers: int = 1
+    decode: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         """JSON-able form."""
@@ -550,6 +615,8 @@ def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) 
             sec = sec + v / c.per_format("x_bytes_per_s", key[len("bytes_") :])
         elif key.startswith("calls_"):
             sec = sec + v * c.per_format("read_call_s", key[len("calls_") :])
+        elif key.startswith("decode_"):
+            sec = sec + v / c.per_format("decode_bytes_per_s", key[len("decode_") :])
     return np.asarray(sec, dtype=np.float64)
 
 
@@ -561,7 +628,7 @@ def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
         for i in plan.inputs
         if i.x_kind == "csr"
     )
-    return opens + indptr + _pool_bytes(plan) / c.fault_bytes_per_s
+    return opens + indptr + _touched_bytes(plan, c) / c.fault_bytes_per_s
 
 
 def _serial_seconds(plan: Plan, c: Calibration) -> float:
@@ -672,17 +739,22 @@ def predict_time(
         if k.startswith("calls_")
     )
     obs = float(t["rows"].sum()) / c.obs_rows_per_s
+    decode = sum(
+        float(v.sum()) / c.per_format("decode_bytes_per_s", k[len("decode_") :])
+        for k, v in t.items()
+        if k.startswith("decode_")
+    )
     per_ds = dataset_seconds(plan, c)
     fixed = _process_fixed_seconds(plan, c)
     serial = _serial_seconds(plan, c)
-    overhead = serial - x - calls - obs
+    overhead = serial - x - calls - obs - decode
     n = auto_workers(plan, plan.n_datasets, c) if workers is None else max(1, int(workers))
     n = min(n, max(plan.n_datasets, 1))
     if n == 1:
-        return TimePrediction(serial, x, calls, obs, overhead, serial, 1)
+        return TimePrediction(serial, x, calls, obs, overhead, serial, 1, decode)
     opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     seconds = c.run_s + opens + c.process_start_s + fixed + _makespan(per_ds / c.parallel_efficiency, n)
-    return TimePrediction(seconds, x, calls, obs, overhead, serial, n)
+    return TimePrediction(seconds, x, calls, obs, overhead, serial, n, decode)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -713,7 +785,7 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
 #: Seconds per run besides the first dataset's one-time costs: output opened and locked, manifest, commit.
 _RUN_S = 0.05
 #: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 
 
 def _vm_kib(field_name: str) -> int | None:
@@ -746,7 +818,7 @@ def peak_rss_bytes() -> int:
 
 _CHILD = """
 import json, os, sys, tempfile, time
-from annbatch_nb.predict import peak_rss_bytes, _vm_kib
+from annbatch_nb.predict import peak_rss_bytes, _vm_kib, _fault_rate as fault_rate
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
 import annbatch_nb.engine
@@ -763,6 +835,7 @@ if task["baseline"]:
     out["tiny"] = min(time.perf_counter() - t0, time.process_time() - c0)
     import shutil; shutil.rmtree(d, ignore_errors=True)
     out["baseline"] = peak_rss_bytes()
+    out["fault"] = fault_rate()
 if task["inputs"]:
     before = _vm_kib("VmRSS")
     p = abn.plan(task["inputs"], seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
@@ -820,10 +893,20 @@ def _machine_cache_path() -> Path:
     return _cache_dir() / f"machine-{hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:20]}.json"
 
 
+#: What the fresh process measures once per machine (cached): not the inputs' costs.
+_MACHINE_KEYS = (
+    "process_start_s",
+    "import_rss_bytes",
+    "baseline_rss_bytes",
+    "tiny_run_s",
+    "fault_bytes_per_s",
+)
+
+
 def _cached_machine() -> dict[str, float] | None:
     try:
         d = json.loads(_machine_cache_path().read_text())
-        return {k: d[k] for k in ("process_start_s", "import_rss_bytes", "baseline_rss_bytes", "tiny_run_s")}
+        return {k: d[k] for k in _MACHINE_KEYS}
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -843,25 +926,30 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
     got = {"process_start_s": float(d["imported"] - started), "import_rss_bytes": int(d["import_rss"])}
     if "baseline" in d:
         got |= {"baseline_rss_bytes": int(d["baseline"]), "tiny_run_s": float(d["tiny"])}
+        got["fault_bytes_per_s"] = float(d["fault"])
     if "cell_bytes" in d:
         got["cell_bytes"] = max(float(d["cell_bytes"]), 0.0)
     return got
 
 
-def _fault_rate() -> float:
-    """Bytes per second of first touching memory as numpy allocates large buffers (the best of two).
+def _fault_rate(total: int = 256 << 20, piece: int = 32 << 20) -> float:
+    """Bytes per second of first touching memory the process has not used before (the slowest piece).
 
-    128 MB: above glibc's largest mmap threshold (so the pages are new, not reused heap), and large enough for
-    numpy to ask for huge pages, whose compaction on a fragmented machine is most of the cost.
+    Allocates ``total`` bytes in pieces of ``piece`` (each above glibc's largest mmap threshold, so new
+    pages) and keeps the slowest piece's rate. Pages freed a moment ago (by this or another process) are
+    quick to touch again; on a virtual machine that hands free memory back to its host (virtio-balloon free
+    page reporting), pages free for more than a few seconds cost a fault on the host too, several times
+    slower (measured here: 0.4-0.6 GB/s against 4-7 GB/s). A run's buffers are mostly the latter: the
+    slowest piece is the rate of those.
     """
-    n = 128 << 20
-    best = float("inf")
-    for _ in range(2):
+    slowest = 0.0
+    pieces = []
+    for _ in range(max(1, total // piece)):
         t = _clock()
-        a = np.ones(n, dtype=np.uint8)
-        best = min(best, _busy_seconds(t))
-        del a
-    return n / max(best, 1e-6)
+        pieces.append(np.ones(piece, dtype=np.uint8))
+        slowest = max(slowest, _busy_seconds(t))  # the guest's CPU time includes the host's faults
+    del pieces
+    return piece / max(slowest, 1e-6)
 
 
 def _clock() -> tuple[float, float]:
@@ -890,19 +978,21 @@ class _Trial:
     inputs: float
     x_out_bytes: float = 0.0
     x_disk_bytes: float = 0.0
+    decode_s: float = 0.0
 
 
 def _fit_costs(trials: list[_Trial], obs_rows_per_s: float) -> tuple[float, float, float, float]:
     """Per-byte, per-call, per-dataset and per-input seconds that explain the trials' seconds.
 
-    ``seconds - rows / obs_rows_per_s = bytes * per_byte + calls * call_s + dataset_s + inputs * per_input``
-    for each trial, each equation scaled by its seconds (relative errors weigh the same), solved for
-    non-negative costs (exactly, when four independent trials fit).
+    ``seconds - rows / obs_rows_per_s - decode_s = bytes * per_byte + calls * call_s + dataset_s + inputs *
+    per_input`` for each trial (``decode_s``: decoding the parts of chunks it does not keep, measured apart),
+    each equation scaled by its seconds (relative errors weigh the same), solved for non-negative costs
+    (exactly, when four independent trials fit).
     """
     from scipy.optimize import nnls
 
     a = np.array([[t.bytes, t.calls, 1.0, t.inputs] for t in trials])
-    y = np.array([max(t.seconds - t.rows / obs_rows_per_s, 0.0) for t in trials])
+    y = np.array([max(t.seconds - t.rows / obs_rows_per_s - t.decode_s, 0.0) for t in trials])
     w = 1 / np.maximum(np.array([t.seconds for t in trials]), 1e-3)
     scale = np.maximum(np.abs(a).max(axis=0), 1e-12)  # columns of similar size, for a well-posed solve
     x, _ = nnls(a * w[:, None] / scale, y * w)
@@ -929,6 +1019,39 @@ class _Sampler:
         for src in self.sources:  # read once per run: not part of a dataset's cost
             if src.info.x_kind == "csr":
                 _ = src.indptr
+        self.decode_rate = 0.0
+
+    def measure_decode(self, nbytes: float = 64e6) -> float:
+        """Bytes per second of reading whole compressed chunks of X (0 if no sampled input has them).
+
+        Reads the first rows (up to ``nbytes`` uncompressed) of the largest chunked, compressed input twice,
+        as the engine reads a range, and keeps the faster.
+        """
+        chunked = [s for s in self.sources if s.info.x_chunk and s.info.x_compression not in ("", "none")]
+        if not chunked:
+            return 0.0
+        src = max(chunked, key=lambda s: s.info.raw_x_bytes)
+        info = src.info
+        row_bytes = info.raw_x_bytes / max(info.n_obs, 1)
+        runs = np.array([[0, int(min(info.n_obs, max(1, nbytes // max(row_bytes, 1))))]])
+        best = float("inf")
+        if info.x_kind == "csr":
+            n = int(src.run_nnz(runs).sum())
+            data, indices = np.empty(n, dtype=info.dtype), np.empty(n, dtype=np.int32)
+            got = float(n * (info.dtype.itemsize + 4))
+            for _ in range(2):
+                t = _clock()
+                src.read_csr_into(runs, data, indices)
+                best = min(best, _busy_seconds(t))
+        else:
+            out = np.empty((int(runs[0, 1]), info.n_vars), dtype=info.dtype)
+            got = float(out.nbytes)
+            for _ in range(2):
+                t = _clock()
+                src.read_dense_into(runs, out)
+                best = min(best, _busy_seconds(t))
+        self.decode_rate = got / max(best, 1e-6)
+        return self.decode_rate
 
     def close(self) -> None:
         for s in self.sources:
@@ -956,12 +1079,14 @@ class _Sampler:
         finally:
             release_lock(state.lock)
         tab = _dataset_table(plan)
+        decoded = float(sum(v[0] for k, v in tab.items() if k.startswith("decode_")))
         trial = _Trial(
             seconds=seconds,
             rows=float(tab["rows"][0]),
             bytes=float(sum(v[0] for k, v in tab.items() if k.startswith("bytes_"))),
             calls=float(sum(v[0] for k, v in tab.items() if k.startswith("calls_"))),
             inputs=float(tab["inputs"][0]),
+            decode_s=decoded / self.decode_rate if self.decode_rate else 0.0,
         )
         if disk:
             x_dir = out / "dataset_0" / "X"
@@ -983,12 +1108,12 @@ def _calibrate_format(
 
     Datasets written: ten rows from one input (twice: the first pays one-time costs), ten rows from each input
     (with the previous, the per-dataset and per-input fixed costs), a large one (mostly per-byte cost) and a
-    quarter of it cut into runs a few rows long (mostly per-call cost); all four are repeated while the budget
-    lasts (up to three times), and the best of each kept. The model's counts of each are known; the four costs
-    are their non-negative least-squares fit, in relative error.
+    quarter of it cut into runs a few rows long (mostly per-call cost); all four are written once more while
+    the budget lasts, and the best of each kept. The model's counts of each are known; the four costs are
+    their non-negative least-squares fit, in relative error.
 
-    A generator: it pauses after the short datasets (the fixed costs), so that the caller can let other work
-    finish before the longer ones are timed, and returns the rates.
+    A generator: it pauses after the first pass, so that the caller can let other work (the fresh process of
+    :func:`calibrate`) finish before the second pass is timed, and returns the rates.
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -997,12 +1122,13 @@ def _calibrate_format(
         bytes_per_row = sum(i.raw_x_bytes for i in sample) / max(rows_total, 1)
         fmt = rate_key(sample[0])
         rate = base.per_format("x_bytes_per_s", fmt)
+        decode_rate = s.measure_decode() or base.per_format("decode_bytes_per_s", fmt)
+        s.decode_rate = decode_rate
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
+        started = time.perf_counter()
         s.run(one)  # a process's first dataset also pays one-time costs (measured in a fresh process instead)
         t_many, t_one = s.run(many), s.run(one)
-        yield
-        started = time.perf_counter()
         # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
         target = max(0.1 * budget_s, 3 * t_many.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
@@ -1016,9 +1142,9 @@ def _calibrate_format(
         few = int(max(1, min(chunk, small // max(ranges, 1))))
         calls = s.plan(few, small)
         t_calls = s.run(calls)
-        for _ in range(2):  # the best of up to three of each, within the budget: other programs add noise
-            if time.perf_counter() - started > 0.6 * budget_s:
-                break
+        first_pass = time.perf_counter() - started
+        yield
+        if first_pass < 0.6 * budget_s:  # the best of two of each: other programs add noise
             t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
             t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
             t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
@@ -1034,6 +1160,7 @@ def _calibrate_format(
     return {
         "x_bytes_per_s": 1 / per_byte,
         "read_call_s": call_s,
+        "decode_bytes_per_s": decode_rate,
         "input_open_s": open_s,
         "dataset_s": dataset_s,
         "dataset_input_s": per_input,
@@ -1063,7 +1190,8 @@ def calibrate(
     inputs
         The inputs (paths, or scanned :class:`~annbatch_nb.sources.SourceInfo` records).
     budget_s
-        Seconds to spend on the engine samples (about; the total stays within ``budget_s + 2``).
+        Seconds to spend on the engine samples, about: a second pass over them is made if the first took less
+        than 60 % of it. The fresh process runs alongside the first pass; its wait adds to the total.
     cache
         Store the result under ``~/.cache/annbatch-nb`` (or ``$ANNBATCH_NB_CACHE``), keyed by host and inputs.
 
@@ -1093,10 +1221,9 @@ def calibrate(
             for fmt in formats
         }
         try:
-            for step in steps.values():  # the short datasets, while the fresh process runs
+            for step in steps.values():  # a first pass, while the fresh process runs
                 next(step)
-            measured = _finish_child(child, started)  # then the long ones without it competing for the cores
-            fault = _fault_rate()
+            measured = _finish_child(child, started)  # a second without it competing for the cores
             for fmt, step in steps.items():
                 try:
                     next(step)
@@ -1113,7 +1240,7 @@ def calibrate(
     ratios = [v["compression_ratio"] for v in per_fmt.values() if v["compression_ratio"] > 0]
     cell_bytes = measured.pop("cell_bytes", 0.0)
     if machine is None:
-        keys = ("process_start_s", "import_rss_bytes", "baseline_rss_bytes", "tiny_run_s")
+        keys = _MACHINE_KEYS
         machine = {k: measured[k] for k in keys if k in measured}
         if cache and len(machine) == len(keys):
             with contextlib.suppress(OSError):
@@ -1123,6 +1250,10 @@ def calibrate(
         base,
         x_bytes_per_s={**base.x_bytes_per_s, **{f: v["x_bytes_per_s"] for f, v in per_fmt.items()}},
         read_call_s={**base.read_call_s, **{f: v["read_call_s"] for f, v in per_fmt.items()}},
+        decode_bytes_per_s={
+            **base.decode_bytes_per_s,
+            **{f: v["decode_bytes_per_s"] for f, v in per_fmt.items()},
+        },
         input_open_s={**base.input_open_s, **{f: v["input_open_s"] for f, v in per_fmt.items()}},
         dataset_s=mean("dataset_s"),
         run_s=max(
@@ -1131,7 +1262,6 @@ def calibrate(
             - 2 * (mean("dataset_s") + per_fmt.get("h5ad", {}).get("dataset_input_s", 0.0)),
         ),
         dataset_input_s={**base.dataset_input_s, **{f: v["dataset_input_s"] for f, v in per_fmt.items()}},
-        fault_bytes_per_s=fault,
         compression_ratio=float(np.median(ratios)) if ratios else base.compression_ratio,
         **{k: v for k, v in machine.items() if k in Calibration.__dataclass_fields__},
         cell_bytes=cell_bytes,

@@ -73,7 +73,8 @@ def test_memory_model_by_hand(monkeypatch) -> None:
     assert p.peak_memory_bytes == m.peak_bytes
 
 
-def test_time_and_size_models_by_hand() -> None:
+def test_time_and_size_models_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANNBATCH_NB_THREADS", "2")  # as in test_memory_model_by_hand
     p = build_plan(_one_input(), Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0), CAL)
     t = p.time
     raw_in = 10_000 * 8 + 1001 * 8  # data + indices + row pointers of the input's 1000 rows
@@ -81,11 +82,13 @@ def test_time_and_size_models_by_hand() -> None:
     assert t.calls == pytest.approx(1 * 2 * 0.001)  # the ten runs coalesce: one range, two arrays (no obs)
     assert t.obs == pytest.approx(1000 / 1000)
     opened = 0.01 + 1001 * 8 / 1e6  # the input opened and its row pointers read, once
-    touched = (10_000 * 8 + 10_000 * 8) / 1e7  # read buffer and gather block, first touch
+    # first touch: the dataset's buffers and the run's memory (both as in test_memory_model_by_hand)
+    touched = (441_324 + 84_908) / 1e7
+    assert (p.memory.dataset_bytes, p.memory.run_bytes) == (441_324, 84_908)
     assert t.overhead == pytest.approx(0.2 + opened + touched + 0.5 + 0.1)  # run, process, dataset, input
     assert t.workers == 1
     assert p.seconds == t.seconds == t.serial_seconds == pytest.approx(t.x + t.calls + t.obs + t.overhead)
-    assert p.seconds == pytest.approx(1.924016)
+    assert p.seconds == pytest.approx(1.9606392)
     assert p.output_bytes == int(10_000 * 5 * 0.5 + 1001 * 8 * 0.5 + 1000 * 8 * 0.5)
 
 
@@ -108,8 +111,9 @@ def test_more_datasets_cost_more_fixed_time() -> None:
     one = build_plan(infos, Parameters.validated(shuffle_chunk_size=100, dataset_size=10_000, seed=0), CAL)
     ten = build_plan(infos, Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0), CAL)
     assert ten.time.calls > one.time.calls
-    # nine more datasets, each reading the one input; first touch is of a tenth of the buffers
-    touch_saved = (100_000 - 10_000) * 16 / 1e7
+    # nine more datasets, each reading the one input; first touch is of the largest dataset's buffers only
+    touch_saved = (one.memory.dataset_bytes - ten.memory.dataset_bytes) / 1e7
+    assert one.memory.dataset_bytes > ten.memory.dataset_bytes
     assert ten.time.overhead - one.time.overhead == pytest.approx(9 * (0.5 + 0.1) - touch_saved)
     assert ten.memory.process_bytes < one.memory.process_bytes  # per process: a tenth of the buffers
 
@@ -129,7 +133,12 @@ def test_workers_time_and_memory_by_hand(monkeypatch: pytest.MonkeyPatch) -> Non
     # runs of 1000 rows, one per dataset: ten equal datasets of 1000 rows, 10,000 entries
     p = build_plan(infos, Parameters.validated(shuffle_chunk_size=1000, dataset_size=1000, seed=0), CAL)
     per_dataset = 0.5 + 0.1 + 1000 / 1000 + 1000 * 88.0008 / 1e6 + 2 * 0.001
-    fixed = 0.01 + 10_001 * 8 / 1e6 + 10_000 * 16 / 1e7  # open, row pointers, first touch (per process)
+    # first touch (per process) of one dataset's buffers, 311,164 bytes: CSR buffer 10,000 x (4 + 4) + 1001 x 4,
+    # one thread's gather scratch (10,000 + 2 x 10) x 8, compressed shard and blocks (10,000 + 2 x 10,000) x
+    # (4 + 1) x 0.5, obs 1000 x 8 x 4, row vectors 1000 x 8 x 5; and of the run's 849,008 bytes: 10,000 names
+    # x (2 x 8 + 57 + 3.9) and the row pointers 10,001 x 8
+    assert (p.memory.dataset_bytes, p.memory.run_bytes) == (311_164, 849_008)
+    fixed = 0.01 + 10_001 * 8 / 1e6 + (311_164 + 849_008) / 1e7  # open, row pointers, first touch
     serial = 0.2 + fixed + 10 * per_dataset
     assert serial > 4  # long enough for worker processes
     t = p.time
@@ -328,3 +337,32 @@ def test_scan_table_and_var_overlap_by_hand() -> None:
     assert s["var_overlap"] == {"n_union": 8, "n_intersection": 2}
     assert [r["genes_only_here"] for r in s["inputs"]] == [2, 2, 2]
     json.dumps(s)  # JSON-able
+
+
+def test_decoding_whole_compressed_chunks_by_hand() -> None:
+    """Runs that cover part of a compressed chunk decode all of it; a chunk shared by two ranges, once."""
+    from annbatch_nb.predict import _extra_decoded_bytes
+
+    (info,) = _one_input(n=1000, nnz_per_row=10)  # 80 bytes per row (float32 data + int32 indices)
+    info.x_chunk, info.x_compression = 1000, "zstd"  # 100 rows per chunk
+    ds, inp = np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0])
+    lo, hi = np.array([0, 60, 250, 0]), np.array([50, 120, 260, 1000])
+    # dataset 0 decodes chunks 0, 1 (0 already, for the first range) and 2: 300 rows for the 120 it keeps;
+    # dataset 1 keeps every row it decodes
+    extra = _extra_decoded_bytes([info], ds, inp, lo, hi)
+    assert extra.tolist() == [50 * 80, 40 * 80, 90 * 80, 0]
+    assert extra[:3].sum() == (300 - 120) * 80
+    info.x_compression = "none"  # stored uncompressed: read exactly
+    assert _extra_decoded_bytes([info], ds, inp, lo, hi).tolist() == [0, 0, 0, 0]
+    # in the time model: per byte at the decode rate, per format
+    info.x_compression = "zstd"
+    cal = Calibration(**{**CAL.to_dict(), "decode_bytes_per_s": {"h5ad": 1e5, "zarr": 1e6}})
+    p = build_plan([info], Parameters.validated(shuffle_chunk_size=50, dataset_size=1000, seed=0), cal)
+    assert p.n_datasets == 1 and p.time.decode == 0  # one dataset reads the whole input: nothing wasted
+    p = build_plan([info], Parameters.validated(shuffle_chunk_size=50, dataset_size=100, seed=0), cal)
+    table = abn.predict._dataset_table(p)
+    assert table["decode_h5ad"].sum() > 0
+    assert p.time.decode == pytest.approx(table["decode_h5ad"].sum() / 1e5)
+    assert p.time.serial_seconds == pytest.approx(
+        p.time.x + p.time.calls + p.time.obs + p.time.decode + p.time.overhead
+    )
