@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 import zarr
@@ -721,6 +720,8 @@ class DatasetWriter:
         copy_tree(staging.store_path.store, store, self.group.store_path.path, skip_root=True)
 
     def _write_frames(self, group: zarr.Group, obs: pd.DataFrame) -> None:
+        import anndata as ad  # imported here: importing annbatch_nb stays quick
+
         with ad.settings.override(remove_unused_categories=False):
             ad.io.write_elem(group, "obs", obs)
             ad.io.write_elem(group, "var", pd.DataFrame(index=self.plan.var_names.copy()))
@@ -814,6 +815,8 @@ class ValidationReport:
 
 
 def _read_var_index(group: zarr.Group) -> pd.Index:
+    import anndata as ad  # imported here: importing annbatch_nb stays quick
+
     return pd.Index(ad.io.read_elem(group["var"]).index)
 
 

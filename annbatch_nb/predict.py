@@ -111,9 +111,10 @@ class Calibration:
     """
 
     # per read path (:func:`rate_key`); "h5ad-virtual" defaults scaled from bench_virtualize's local reads
-    # (0.6x h5py's bytes/s, ~4x its cost per read call), until calibrate() measures them on the user's files
+    # (0.6x h5py's bytes/s, ~4x its cost per read call), until calibrate() measures them on the user's files.
+    # Reference machine: 2 cores, the threaded engine (bench_planner's calibrations, 2026-11-27)
     x_bytes_per_s: dict[str, float] = field(
-        default_factory=lambda: {"h5ad": 1.4e8, "h5ad-virtual": 8.4e7, "zarr": 1.0e8}
+        default_factory=lambda: {"h5ad": 4.5e8, "h5ad-virtual": 2.7e8, "zarr": 3.5e8}
     )
     read_call_s: dict[str, float] = field(
         default_factory=lambda: {"h5ad": 2.5e-4, "h5ad-virtual": 1e-3, "zarr": 2e-3}
@@ -122,7 +123,7 @@ class Calibration:
         default_factory=lambda: {"h5ad": 4e8, "h5ad-virtual": 4e8, "zarr": 8e8}
     )
     obs_rows_per_s: float = 1.0e6
-    dataset_s: float = 0.2
+    dataset_s: float = 0.25
     dataset_input_s: dict[str, float] = field(
         default_factory=lambda: {"h5ad": 0.02, "h5ad-virtual": 0.02, "zarr": 0.02}
     )
@@ -130,7 +131,7 @@ class Calibration:
         default_factory=lambda: {"h5ad": 0.002, "h5ad-virtual": 0.01, "zarr": 0.01}
     )
     run_s: float = 0.05
-    fault_bytes_per_s: float = 3.0e9
+    fault_bytes_per_s: float = 1.0e9
     compression_ratio: float = 0.48
     process_start_s: float = 2.0
     parallel_efficiency: float = 0.85
@@ -397,10 +398,11 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     - CSR read buffer (``BufferPool`` ``data``/``indices``/``indptr``): ``nnz * (it + 4) + (rows + 1) * 4``;
       dense: ``rows * n_vars * it``.
     - gather scratch (``gather_data:<slot>``/``gather_indices:<slot>``), one set per encoding thread
-      (:func:`~annbatch_nb.engine.encode_threads`): the touched part, ``min(GATHER_ELEMS, nnz)`` plus two of
-      the longest rows, ``* (it + 4)``; dense: one zarr chunk of rows per thread.
-    - one shard's compressed chunks, held until the shard is stored (no joined copy):
-      ``shard entries * (it + index itemsize) * ratio``, plus the blocks in flight (two per thread).
+      (:func:`~annbatch_nb.engine.encode_threads`) that gets a block to encode (blocks of ``GATHER_ELEMS``
+      entries, whole output chunks): the touched part, ``min(block, nnz)`` plus two of the longest rows,
+      ``* (it + 4)``; dense: one zarr chunk of rows per thread.
+    - one shard's compressed chunks, held until the shard is stored (no joined copy; the blocks in flight are
+      the shard's own): ``shard entries * (it + index itemsize) * ratio``.
     - obs: three row-sized copies of the columns (pieces, frame, permuted frame) and the names' pointers.
     - five int64 row vectors (counts, row nnz, permutation, output nnz, output indptr).
     - reading a zarr (or virtual h5ad) input through zarr-python: the largest contiguous range's data and
@@ -420,11 +422,12 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     if plan.x_kind == "csr":
         buffer = nnz * (it + 4) + (rows + 1) * 4
         max_row = max((i.n_vars for i in plan.inputs), default=0)
-        scratch = threads * (np.minimum(GATHER_ELEMS, nnz) + 2 * max_row) * (it + 4)
+        block = _gather_block(plan)
+        # a slot's scratch is touched only by a task that runs in it: no more slots than blocks
+        slots = np.minimum(threads, np.ceil(nnz / block))
+        scratch = slots * (np.minimum(block, nnz) + 2 * max_row) * (it + 4)
         entry = (it + plan.index_dtype.itemsize) * calibration.compression_ratio
-        shard = (
-            np.minimum(_shard_elems(plan), nnz) * entry + 2 * threads * np.minimum(GATHER_ELEMS, nnz) * entry
-        )
+        shard = np.minimum(_shard_elems(plan), nnz) * entry  # blocks in flight belong to it
     else:
         row_bytes = plan.n_vars * it
         buffer = rows * row_bytes
@@ -444,6 +447,12 @@ def _touched_bytes(plan: Plan, calibration: Calibration) -> float:
     per_dataset = dataset_memory(plan, calibration)
     largest = float(per_dataset.max()) if len(per_dataset) else 0.0
     return largest + run_memory(plan, calibration)
+
+
+def _gather_block(plan: Plan) -> int:
+    """Entries per encoding task of a CSR dataset (mirrors ``engine._write_csr_x``: whole output chunks)."""
+    chunk = plan.x_chunk_elems
+    return max(chunk, (GATHER_ELEMS // chunk) * chunk)
 
 
 def _shard_elems(plan: Plan) -> int:
@@ -545,8 +554,7 @@ def rows_for_memory(
         entry = (it + p.index_dtype.itemsize) * calibration.compression_ratio
         per_row += nnz_row * (it + 4) + 4
         per_row += nnz_row * entry
-        fixed = threads * (GATHER_ELEMS + 2 * max(i.n_vars for i in p.inputs)) * (it + 4)
-        fixed += 2 * threads * GATHER_ELEMS * entry
+        fixed = threads * (_gather_block(p) + 2 * max(i.n_vars for i in p.inputs)) * (it + 4)
     else:
         row_bytes = p.n_vars * it
         per_row += row_bytes * (1 + calibration.compression_ratio)
@@ -819,10 +827,11 @@ def peak_rss_bytes() -> int:
 _CHILD = """
 import json, os, sys, tempfile, time
 from annbatch_nb.predict import peak_rss_bytes, _vm_kib, _fault_rate as fault_rate
-import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
 import annbatch_nb.engine
 task = json.loads(sys.argv[1])
+if task["baseline"]:  # a worker process also imports what writing datasets needs
+    import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 out = {"imported": time.time(), "import_rss": _vm_kib("VmRSS") or peak_rss_bytes()}
 if task["baseline"]:
     d = tempfile.mkdtemp(prefix="annbatch-nb-baseline-")
@@ -933,23 +942,22 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
 
 
 def _fault_rate(total: int = 256 << 20, piece: int = 32 << 20) -> float:
-    """Bytes per second of first touching memory the process has not used before (the slowest piece).
+    """Bytes per second of first touching memory the process has not used before.
 
-    Allocates ``total`` bytes in pieces of ``piece`` (each above glibc's largest mmap threshold, so new
-    pages) and keeps the slowest piece's rate. Pages freed a moment ago (by this or another process) are
-    quick to touch again; on a virtual machine that hands free memory back to its host (virtio-balloon free
-    page reporting), pages free for more than a few seconds cost a fault on the host too, several times
-    slower (measured here: 0.4-0.6 GB/s against 4-7 GB/s). A run's buffers are mostly the latter: the
-    slowest piece is the rate of those.
+    Allocates and fills ``total`` bytes in pieces of ``piece`` (each above glibc's largest mmap threshold, so
+    new pages). Pages freed a moment ago (by this or another process) are quick to touch again; on a virtual
+    machine that hands free memory back to its host (virtio-balloon free page reporting), pages free for more
+    than a few seconds cost a fault on the host too, several times slower (measured here: 0.3-0.65 GB/s
+    against 4-7 GB/s, from one thread or two). A run's buffers are mostly the latter; so is most of the probe
+    when no other process has just freed memory.
     """
-    slowest = 0.0
     pieces = []
+    t = _clock()
     for _ in range(max(1, total // piece)):
-        t = _clock()
         pieces.append(np.ones(piece, dtype=np.uint8))
-        slowest = max(slowest, _busy_seconds(t))  # the guest's CPU time includes the host's faults
+    seconds = _busy_seconds(t)  # the guest's CPU time includes the host's faults
     del pieces
-    return piece / max(slowest, 1e-6)
+    return max(1, total // piece) * piece / max(seconds, 1e-6)
 
 
 def _clock() -> tuple[float, float]:
@@ -1106,8 +1114,8 @@ def _calibrate_format(
 ) -> Generator[None, None, dict[str, float]]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
-    Datasets written: ten rows from one input (twice: the first pays one-time costs), ten rows from each input
-    (with the previous, the per-dataset and per-input fixed costs), a large one (mostly per-byte cost) and a
+    Datasets written: ten rows from each input, ten rows from one input (with the previous, the per-dataset
+    and per-input fixed costs), a large one (mostly per-byte cost) and a
     quarter of it cut into runs a few rows long (mostly per-call cost); all four are written once more while
     the budget lasts, and the best of each kept. The model's counts of each are known; the four costs are
     their non-negative least-squares fit, in relative error.
@@ -1127,10 +1135,10 @@ def _calibrate_format(
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
         started = time.perf_counter()
-        s.run(one)  # a process's first dataset also pays one-time costs (measured in a fresh process instead)
+        # the process's first dataset also pays one-time costs: the second pass measures it again
         t_many, t_one = s.run(many), s.run(one)
         # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
-        target = max(0.1 * budget_s, 3 * t_many.seconds) * rate
+        target = max(0.1 * budget_s, 3 * t_one.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         small = max(1, big // 4)
         chunk = max(1, min(1000, small // 8))
@@ -1144,7 +1152,7 @@ def _calibrate_format(
         t_calls = s.run(calls)
         first_pass = time.perf_counter() - started
         yield
-        if first_pass < 0.6 * budget_s:  # the best of two of each: other programs add noise
+        if first_pass < 2 * budget_s:  # the best of two of each: the fresh process competed with the first
             t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
             t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
             t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
@@ -1190,8 +1198,9 @@ def calibrate(
     inputs
         The inputs (paths, or scanned :class:`~annbatch_nb.sources.SourceInfo` records).
     budget_s
-        Seconds to spend on the engine samples, about: a second pass over them is made if the first took less
-        than 60 % of it. The fresh process runs alongside the first pass; its wait adds to the total.
+        Seconds to spend on one pass over the engine samples, about. The first pass runs alongside the fresh
+        process; a second, alone, follows (unless the first took more than twice the budget); the best of
+        the two of each sample is kept.
     cache
         Store the result under ``~/.cache/annbatch-nb`` (or ``$ANNBATCH_NB_CACHE``), keyed by host and inputs.
 

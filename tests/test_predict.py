@@ -57,10 +57,12 @@ def test_memory_model_by_hand(monkeypatch) -> None:
     p = build_plan(_one_input(), Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0), CAL)
     assert p.n_datasets == 1 and p.index_dtype == np.uint8
     buffer = 10_000 * (4 + 4) + 1001 * 4  # data (float32) + int32 column numbers + int32 row pointers
-    scratch = 2 * (10_000 + 2 * 10) * (4 + 4)  # per thread: the touched gather block, plus two rows
-    # one compressed shard (the whole dataset here), its chunks held until stored, plus two blocks per thread
-    # in flight
-    shard = 10_000 * (4 + 1) * 0.5 + 2 * 2 * 10_000 * (4 + 1) * 0.5
+    # gather scratch: the touched block plus two rows, in one of the two threads' slots (one block of
+    # 640-entry chunks holds all 10,000 entries: the other slot is never touched)
+    scratch = 1 * (10_000 + 2 * 10) * (4 + 4)
+    shard = (
+        10_000 * (4 + 1) * 0.5
+    )  # one compressed shard (the whole dataset here), its chunks held until stored
     obs = 1000 * 8 * 3 + 1000 * 8  # src_path codes, three copies; the names
     pointers = 1000 * 8 * 5  # counts, row nnz, permutation, output nnz, output indptr
     names = 1000 * (2 * 8 + 57 + 3.9)  # "0-0".."0-99": 3.9 characters on average
@@ -83,12 +85,12 @@ def test_time_and_size_models_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert t.obs == pytest.approx(1000 / 1000)
     opened = 0.01 + 1001 * 8 / 1e6  # the input opened and its row pointers read, once
     # first touch: the dataset's buffers and the run's memory (both as in test_memory_model_by_hand)
-    touched = (441_324 + 84_908) / 1e7
-    assert (p.memory.dataset_bytes, p.memory.run_bytes) == (441_324, 84_908)
+    touched = (261_164 + 84_908) / 1e7
+    assert (p.memory.dataset_bytes, p.memory.run_bytes) == (261_164, 84_908)
     assert t.overhead == pytest.approx(0.2 + opened + touched + 0.5 + 0.1)  # run, process, dataset, input
     assert t.workers == 1
     assert p.seconds == t.seconds == t.serial_seconds == pytest.approx(t.x + t.calls + t.obs + t.overhead)
-    assert p.seconds == pytest.approx(1.9606392)
+    assert p.seconds == pytest.approx(1.9426232)
     assert p.output_bytes == int(10_000 * 5 * 0.5 + 1001 * 8 * 0.5 + 1000 * 8 * 0.5)
 
 
@@ -133,12 +135,12 @@ def test_workers_time_and_memory_by_hand(monkeypatch: pytest.MonkeyPatch) -> Non
     # runs of 1000 rows, one per dataset: ten equal datasets of 1000 rows, 10,000 entries
     p = build_plan(infos, Parameters.validated(shuffle_chunk_size=1000, dataset_size=1000, seed=0), CAL)
     per_dataset = 0.5 + 0.1 + 1000 / 1000 + 1000 * 88.0008 / 1e6 + 2 * 0.001
-    # first touch (per process) of one dataset's buffers, 311,164 bytes: CSR buffer 10,000 x (4 + 4) + 1001 x 4,
-    # one thread's gather scratch (10,000 + 2 x 10) x 8, compressed shard and blocks (10,000 + 2 x 10,000) x
-    # (4 + 1) x 0.5, obs 1000 x 8 x 4, row vectors 1000 x 8 x 5; and of the run's 849,008 bytes: 10,000 names
-    # x (2 x 8 + 57 + 3.9) and the row pointers 10,001 x 8
-    assert (p.memory.dataset_bytes, p.memory.run_bytes) == (311_164, 849_008)
-    fixed = 0.01 + 10_001 * 8 / 1e6 + (311_164 + 849_008) / 1e7  # open, row pointers, first touch
+    # first touch (per process) of one dataset's buffers, 261,164 bytes: CSR buffer 10,000 x (4 + 4) +
+    # 1001 x 4, one thread's gather scratch (10,000 + 2 x 10) x 8, compressed shard 10,000 x (4 + 1) x
+    # 0.5, obs 1000 x 8 x 4, row vectors 1000 x 8 x 5; and of the run's 849,008 bytes: 10,000 names x
+    # (2 x 8 + 57 + 3.9) and the row pointers 10,001 x 8
+    assert (p.memory.dataset_bytes, p.memory.run_bytes) == (261_164, 849_008)
+    fixed = 0.01 + 10_001 * 8 / 1e6 + (261_164 + 849_008) / 1e7  # open, row pointers, first touch
     serial = 0.2 + fixed + 10 * per_dataset
     assert serial > 4  # long enough for worker processes
     t = p.time
