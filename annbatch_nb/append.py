@@ -37,6 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import zarr
@@ -598,8 +599,6 @@ def plan_append(
     ParameterError
         For a bad ``rewrite`` or ``seed``.
     """
-    import anndata as ad  # imported here: importing annbatch_nb stays quick
-
     out = Path(output)
     if new_genes not in ("error", "drop"):
         raise ParameterError(f"new_genes must be 'error' or 'drop', got {new_genes!r}")
@@ -721,8 +720,6 @@ def _conform(series: pd.Series, spec: ColumnSpec) -> Any:
 
 def _rewrite_obs(out: Path, plan: AppendPlan, cancel: threading.Event | None) -> None:
     """Write the obs of every untouched dataset in the new schema into the staging area."""
-    import anndata as ad  # imported here: importing annbatch_nb stays quick
-
     root = zarr.open_group(str(out), mode="r")
     for d in plan.untouched.tolist():
         _check_cancel(cancel)

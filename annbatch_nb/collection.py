@@ -21,17 +21,20 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore, MemoryStore
+from zarr.storage import MemoryStore
 
 from . import __version__
 from .errors import OutputError
@@ -708,25 +711,39 @@ class DatasetWriter:
     def write_frames(self, obs: pd.DataFrame) -> None:
         """Write obs, var and the empty AnnData elements.
 
-        On an object store they are written to memory first and then stored with concurrent puts: anndata
-        writes element by element, and one request after another would cost a round trip each.
+        anndata writes element by element, each a few zarr metadata and chunk writes: they are written to
+        memory first and then stored with concurrent writes (on an object store, one request after another
+        would cost a round trip each; locally, zarr's per-call overhead halves). var and the empty elements
+        are the same in every dataset of a plan: they are encoded once per process and copied.
         """
-        store = self.group.store_path.store
-        if isinstance(store, LocalStore):
-            self._write_frames(self.group, obs)
-            return
+        store, path = self.group.store_path.store, self.group.store_path.path
         staging = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-        self._write_frames(staging, obs)
-        copy_tree(staging.store_path.store, store, self.group.store_path.path, skip_root=True)
-
-    def _write_frames(self, group: zarr.Group, obs: pd.DataFrame) -> None:
-        import anndata as ad  # imported here: importing annbatch_nb stays quick
-
         with ad.settings.override(remove_unused_categories=False):
-            ad.io.write_elem(group, "obs", obs)
-            ad.io.write_elem(group, "var", pd.DataFrame(index=self.plan.var_names.copy()))
-            for key in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
-                ad.io.write_elem(group, key, {})
+            ad.io.write_elem(staging, "obs", obs)
+        copy_tree(staging.store_path.store, store, path, skip_root=True)
+        copy_tree(_constant_frames(self.plan), store, path, skip_root=True)
+
+
+#: var and the empty elements of recent plans, encoded (see :meth:`DatasetWriter.write_frames`).
+_CONSTANT_FRAMES: OrderedDict[str, Any] = OrderedDict()
+_CONSTANT_FRAMES_LOCK = threading.Lock()
+
+
+def _constant_frames(plan: Plan) -> Any:
+    """A memory store holding a dataset's var and empty ``uns``, ``obsm``, ... groups for ``plan``."""
+    key = plan.fingerprint
+    with _CONSTANT_FRAMES_LOCK:
+        if key in _CONSTANT_FRAMES:
+            return _CONSTANT_FRAMES[key]
+    group = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
+    ad.io.write_elem(group, "var", pd.DataFrame(index=plan.var_names.copy()))
+    for name in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
+        ad.io.write_elem(group, name, {})
+    with _CONSTANT_FRAMES_LOCK:
+        _CONSTANT_FRAMES[key] = group.store_path.store
+        while len(_CONSTANT_FRAMES) > 2:
+            _CONSTANT_FRAMES.popitem(last=False)
+    return group.store_path.store
 
 
 def copy_tree(src: Any, dst: Any, prefix: str, *, skip_root: bool = False, concurrency: int = 32) -> None:
@@ -815,7 +832,6 @@ class ValidationReport:
 
 
 def _read_var_index(group: zarr.Group) -> pd.Index:
-    import anndata as ad  # imported here: importing annbatch_nb stays quick
 
     return pd.Index(ad.io.read_elem(group["var"]).index)
 

@@ -827,11 +827,10 @@ def peak_rss_bytes() -> int:
 _CHILD = """
 import json, os, sys, tempfile, time
 from annbatch_nb.predict import peak_rss_bytes, _vm_kib, _fault_rate as fault_rate
+import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
 import annbatch_nb.engine
 task = json.loads(sys.argv[1])
-if task["baseline"]:  # a worker process also imports what writing datasets needs
-    import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 out = {"imported": time.time(), "import_rss": _vm_kib("VmRSS") or peak_rss_bytes()}
 if task["baseline"]:
     d = tempfile.mkdtemp(prefix="annbatch-nb-baseline-")

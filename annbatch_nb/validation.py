@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -55,8 +56,6 @@ def _x_rows(group: zarr.Group) -> int:
 
 
 def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
-    import anndata as ad  # imported here: importing annbatch_nb stays quick
-
     if not is_committed(root):
         report.fail(
             "not a finished collection: the annbatch marker is missing (an interrupted run? re-run the same "
@@ -223,8 +222,6 @@ def _values_equal(a: pd.Series, b: pd.Series) -> bool:
 def _check_against_inputs(
     groups: list[zarr.Group], inputs: Any, report: _Report, sample: int | None, seed: int, virtualize: Any
 ) -> None:
-    import anndata as ad  # imported here: importing annbatch_nb stays quick
-
     try:
         specs = inputs if isinstance(inputs, list) and all(isinstance(i, InputSpec) for i in inputs) else None
         sources = open_sources(specs or resolve_inputs(inputs), virtualize=virtualize)
