@@ -21,7 +21,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -438,15 +438,26 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     return buffer + scratch + shard + obs + perm_and_pointers + read
 
 
-def _touched_bytes(plan: Plan, calibration: Calibration) -> float:
-    """Memory a process first touches in a run: the run's own, and the largest dataset's buffers.
+def _touched_bytes(plan: Plan) -> float:
+    """Memory a process touches for the first time in a run: the engine's reused buffers at their largest.
 
-    Later datasets reuse the buffers (``BufferPool``) or memory freed a moment before, which is quick to
-    touch again; see :func:`_fault_rate`.
+    The ``BufferPool`` (CSR read buffer and gather scratch, or the dense block) grows to the largest
+    dataset's size once and is reused; the rest of a dataset's memory (obs frames, compressed chunks,
+    temporaries) comes and goes, mostly in memory freed a moment before, which is quick to touch again (see
+    :func:`_fault_rate`). The plan itself (cell names) is built before the run starts.
     """
-    per_dataset = dataset_memory(plan, calibration)
-    largest = float(per_dataset.max()) if len(per_dataset) else 0.0
-    return largest + run_memory(plan, calibration)
+    from .engine import encode_threads  # imported here: the engine imports this module
+
+    t = _dataset_table(plan)
+    it = plan.dtype.itemsize
+    if not len(t["rows"]):
+        return 0.0
+    if plan.x_kind == "csr":
+        nnz = float(t["nnz"].max())
+        block = _gather_block(plan)
+        slots = min(encode_threads(), max(1.0, np.ceil(nnz / block)))
+        return nnz * (it + 4) + slots * min(block, nnz) * (it + 4)
+    return float(t["rows"].max()) * plan.n_vars * it
 
 
 def _gather_block(plan: Plan) -> int:
@@ -636,7 +647,7 @@ def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
         for i in plan.inputs
         if i.x_kind == "csr"
     )
-    return opens + indptr + _touched_bytes(plan, c) / c.fault_bytes_per_s
+    return opens + indptr + _touched_bytes(plan) / c.fault_bytes_per_s
 
 
 def _serial_seconds(plan: Plan, c: Calibration) -> float:
@@ -1029,35 +1040,39 @@ class _Sampler:
         self.decode_rate = 0.0
 
     def measure_decode(self, nbytes: float = 64e6) -> float:
-        """Bytes per second of reading whole compressed chunks of X (0 if no sampled input has them).
+        """Seconds per byte of decoding compressed chunks of X for one row each (0 if no input has them).
 
-        Reads the first rows (up to ``nbytes`` uncompressed) of the largest chunked, compressed input twice,
-        as the engine reads a range, and keeps the faster.
+        What a dataset pays for the part of a chunk it does not keep: reads one row from the middle of each
+        of the first chunks (up to ``nbytes`` decoded) of the largest chunked, compressed input, as the
+        engine reads runs, twice, and keeps the faster; the rate is per decoded byte.
         """
         chunked = [s for s in self.sources if s.info.x_chunk and s.info.x_compression not in ("", "none")]
         if not chunked:
             return 0.0
         src = max(chunked, key=lambda s: s.info.raw_x_bytes)
         info = src.info
-        row_bytes = info.raw_x_bytes / max(info.n_obs, 1)
-        runs = np.array([[0, int(min(info.n_obs, max(1, nbytes // max(row_bytes, 1))))]])
+        per_row = info.nnz / max(info.n_obs, 1) if info.x_kind == "csr" else 1.0
+        chunk_rows = info.x_chunk / max(per_row, 1e-12)
+        entry = (info.dtype.itemsize + 4) if info.x_kind == "csr" else info.n_vars * info.dtype.itemsize
+        chunk_bytes = chunk_rows * per_row * entry if info.x_kind == "csr" else info.x_chunk * entry
+        k = int(max(1, min(info.n_obs / max(chunk_rows, 1), nbytes / max(chunk_bytes, 1))))
+        rows = np.unique(np.minimum((np.arange(k) + 0.5) * chunk_rows, info.n_obs - 1).astype(np.int64))
+        runs = np.stack([rows, rows + 1], axis=1)
         best = float("inf")
         if info.x_kind == "csr":
             n = int(src.run_nnz(runs).sum())
             data, indices = np.empty(n, dtype=info.dtype), np.empty(n, dtype=np.int32)
-            got = float(n * (info.dtype.itemsize + 4))
             for _ in range(2):
                 t = _clock()
                 src.read_csr_into(runs, data, indices)
                 best = min(best, _busy_seconds(t))
         else:
-            out = np.empty((int(runs[0, 1]), info.n_vars), dtype=info.dtype)
-            got = float(out.nbytes)
+            out = np.empty((len(runs), info.n_vars), dtype=info.dtype)
             for _ in range(2):
                 t = _clock()
                 src.read_dense_into(runs, out)
                 best = min(best, _busy_seconds(t))
-        self.decode_rate = got / max(best, 1e-6)
+        self.decode_rate = len(rows) * chunk_bytes / max(best, 1e-6)
         return self.decode_rate
 
     def close(self) -> None:
@@ -1109,7 +1124,11 @@ class _Sampler:
 
 
 def _calibrate_format(
-    infos: list[SourceInfo], tmp: Path, budget_s: float, base: Calibration
+    infos: list[SourceInfo],
+    tmp: Path,
+    budget_s: float,
+    base: Calibration,
+    waiting: Callable[[], bool] = lambda: False,
 ) -> Generator[None, None, dict[str, float]]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
@@ -1120,7 +1139,8 @@ def _calibrate_format(
     their non-negative least-squares fit, in relative error.
 
     A generator: it pauses after the first pass, so that the caller can let other work (the fresh process of
-    :func:`calibrate`) finish before the second pass is timed, and returns the rates.
+    :func:`calibrate`) finish before the second pass is timed, and returns the rates. While ``waiting()``
+    says that work still runs, the short datasets are written again meanwhile.
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -1150,6 +1170,11 @@ def _calibrate_format(
         calls = s.plan(few, small)
         t_calls = s.run(calls)
         first_pass = time.perf_counter() - started
+        for _ in range(4):  # while the fresh process still runs: more of the short ones (noisy, and cheap)
+            if not waiting():
+                break
+            t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
+            t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
         yield
         if first_pass < 2 * budget_s:  # the best of two of each: the fresh process competed with the first
             t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
@@ -1224,7 +1249,11 @@ def calibrate(
     with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
         steps = {
             fmt: _calibrate_format(
-                [i for i in infos if rate_key(i) == fmt], Path(tmp), budget_s / len(formats), base
+                [i for i in infos if rate_key(i) == fmt],
+                Path(tmp),
+                budget_s / len(formats),
+                base,
+                waiting=lambda: child.poll() is None,
             )
             for fmt in formats
         }

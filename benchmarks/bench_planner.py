@@ -14,7 +14,7 @@ Time is compared with the median wall time and with the run's own time: the best
 the smaller of wall and CPU time. On a shared machine other programs' load stretches wall time (and, on
 shared cores, CPU time too); the calibration measures the run's own time the same way.
 
-Runs that first-touch a lot of memory (predicted >= 256 MiB) start after ``--settle`` seconds of quiet: memory
+Runs that first-touch a lot of memory (predicted >= 64 MiB) start after ``--settle`` seconds of quiet: memory
 another process freed a moment before is quick to touch again, and on a virtual machine that hands free pages
 back to its host (virtio-balloon free page reporting, as here) memory free longer costs 5-15x more to touch
 (0.3-0.6 GB/s against 4-7 GB/s). A user's run starts in the second state; back-to-back benchmark runs would
@@ -111,7 +111,7 @@ def run_grid(
     *,
     workers: int | str = 1,
     repeat: int = 1,
-    settle: float = 15.0,
+    settle: float = 20.0,
 ) -> list[dict[str, Any]]:
     """Calibrate on the inputs, then predict and measure every combination (median of ``repeat`` runs)."""
     import annbatch_nb as abn
@@ -137,9 +137,9 @@ def run_grid(
                 "workers": workers,
             }
             ms = []
-            touched = _touched_bytes(p, cal)
+            touched = _touched_bytes(p)
             for _ in range(repeat):
-                if touched >= 256 << 20:
+                if touched >= 64 << 20:
                     time.sleep(settle)
                 load = os.getloadavg()[0]
                 proc = subprocess.run(
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated kinds to run")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument(
-        "--settle", type=float, default=15.0, help="seconds of quiet before runs that touch >= 256 MiB"
+        "--settle", type=float, default=20.0, help="seconds of quiet before runs that touch >= 64 MiB"
     )
     args = parser.parse_args(argv)
     from make_data import make_dataset
