@@ -984,13 +984,22 @@ class VarOverlap:
         Genes in any input (the output's var with ``var_join="outer"``).
     n_intersection
         Genes in every input (the output's var with ``var_join="inner"``).
-    shared
-        Inputs x inputs: genes two inputs have in common (the diagonal: each input's genes).
+    inputs
+        The inputs, as given.
+    incidence
+        Sparse inputs x genes matrix: 1 where an input has a gene (genes in first-seen order).
     """
 
     n_union: int
     n_intersection: int
-    shared: pd.DataFrame
+    inputs: pd.Index
+    incidence: Any = field(repr=False)
+
+    @cached_property
+    def shared(self) -> pd.DataFrame:
+        """Inputs x inputs: genes two inputs have in common (the diagonal: each input's genes)."""
+        m = self.incidence
+        return pd.DataFrame((m @ m.T).toarray().astype(np.int64), index=self.inputs, columns=self.inputs)
 
     def jaccard(self) -> pd.DataFrame:
         """Inputs x inputs: shared genes / genes in either of the two."""
@@ -1001,14 +1010,14 @@ class VarOverlap:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (without the pairwise table)."""
+        """JSON-able form (without the pairwise tables)."""
         return {"n_union": self.n_union, "n_intersection": self.n_intersection}
 
 
 def var_overlap(
     inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
 ) -> VarOverlap:
-    """The genes the inputs share: union, intersection and every pair's shared count.
+    """The genes the inputs share: union, intersection and (on demand) every pair's shared count.
 
     Parameters
     ----------
@@ -1022,10 +1031,9 @@ def var_overlap(
     """
     infos = _infos(inputs)
     m, union = _incidence(infos)
-    shared = (m @ m.T).toarray().astype(np.int64)
     names = pd.Index([i.display for i in infos], name="input")
     n_all = int((np.asarray(m.sum(axis=0)).ravel() == len(infos)).sum())
-    return VarOverlap(len(union), n_all, pd.DataFrame(shared, index=names, columns=names))
+    return VarOverlap(len(union), n_all, names, m)
 
 
 def plan(

@@ -13,7 +13,7 @@ import ipywidgets as widgets
 from dask.utils import format_bytes
 
 from ..errors import AnnbatchNBError
-from ..plan import scan
+from ..plan import scan, var_overlap
 from ..sources import InputSpec, SourceInfo, resolve_inputs
 
 __all__ = ["FileEntry", "FilePicker"]
@@ -404,7 +404,13 @@ class FilePicker(widgets.VBox):
             cells.extend(
                 [
                     _cell(html.escape(e.name), title=i.path, align="left"),
-                    _cell(f"{i.format} {'' if i.x_kind == 'csr' else '(dense)'}".strip(), align="left"),
+                    _cell(
+                        f"{i.format} {'' if i.x_kind == 'csr' else '(dense)'}".strip(),
+                        title=f"X {i.dtype.name}, "
+                        + (f"chunks of {i.x_chunk:,}" if i.x_chunk else "contiguous")
+                        + f", compression {i.x_compression or 'unknown'}; read by {i.reader}",
+                        align="left",
+                    ),
                     _cell(f"{i.n_obs:,}"),
                     _cell(f"{i.n_vars:,}"),
                     _cell(f"{density:.1%}" if i.x_kind == "csr" else "dense"),
@@ -418,14 +424,10 @@ class FilePicker(widgets.VBox):
         if not infos:
             self.overlap.value = "<i>no file selected</i>"
             return
-        common = set(infos[0].var_names)
-        union = set(infos[0].var_names)
-        for i in infos[1:]:
-            names = set(i.var_names)
-            common &= names
-            union |= names
+        overlap = var_overlap(infos)
         cells = sum(i.n_obs for i in infos)
         self.overlap.value = (
             f"<b>{len(infos)}</b> of {len(self.entries)} file(s) selected · <b>{cells:,}</b> cells · "
-            f"genes in all files: <b>{len(common):,}</b> · in the union: <b>{len(union):,}</b>"
+            f"genes in all files: <b>{overlap.n_intersection:,}</b> · "
+            f"in the union: <b>{overlap.n_union:,}</b>"
         )
