@@ -999,23 +999,25 @@ class _Trial:
     decode_s: float = 0.0
 
 
-def _fit_costs(trials: list[_Trial], obs_rows_per_s: float) -> tuple[float, float, float, float]:
-    """Per-byte, per-call, per-dataset and per-input seconds that explain the trials' seconds.
+def _fit_costs(trials: list[_Trial], obs_rows_per_s: float, call_s: float) -> tuple[float, float, float]:
+    """Per-byte, per-dataset and per-input seconds that explain the trials' seconds.
 
-    ``seconds - rows / obs_rows_per_s - decode_s = bytes * per_byte + calls * call_s + dataset_s + inputs *
-    per_input`` for each trial (``decode_s``: decoding the parts of chunks it does not keep, measured apart),
-    each equation scaled by its seconds (relative errors weigh the same), solved for non-negative costs
-    (exactly, when four independent trials fit).
+    ``seconds - rows / obs_rows_per_s - decode_s - calls * call_s = bytes * per_byte + dataset_s + inputs *
+    per_input`` for each trial (``decode_s``: decoding the parts of chunks it does not keep, and ``call_s``,
+    the cost of a read call, both measured apart), each equation scaled by its seconds (relative errors weigh
+    the same), solved for non-negative costs (exactly, when three independent trials fit).
     """
     from scipy.optimize import nnls
 
-    a = np.array([[t.bytes, t.calls, 1.0, t.inputs] for t in trials])
-    y = np.array([max(t.seconds - t.rows / obs_rows_per_s - t.decode_s, 0.0) for t in trials])
+    a = np.array([[t.bytes, 1.0, t.inputs] for t in trials])
+    y = np.array(
+        [max(t.seconds - t.rows / obs_rows_per_s - t.decode_s - t.calls * call_s, 0.0) for t in trials]
+    )
     w = 1 / np.maximum(np.array([t.seconds for t in trials]), 1e-3)
     scale = np.maximum(np.abs(a).max(axis=0), 1e-12)  # columns of similar size, for a well-posed solve
     x, _ = nnls(a * w[:, None] / scale, y * w)
-    per_byte, call_s, dataset_s, per_input = (float(v) for v in x / scale)
-    return per_byte, call_s, dataset_s, per_input
+    per_byte, dataset_s, per_input = (float(v) for v in x / scale)
+    return per_byte, dataset_s, per_input
 
 
 class _Sampler:
@@ -1039,7 +1041,7 @@ class _Sampler:
                 _ = src.indptr
         self.decode_rate = 0.0
 
-    def measure_decode(self, nbytes: float = 64e6) -> float:
+    def measure_decode(self, nbytes: float = 32e6) -> float:
         """Seconds per byte of decoding compressed chunks of X for one row each (0 if no input has them).
 
         What a dataset pays for the part of a chunk it does not keep: reads one row from the middle of each
@@ -1074,6 +1076,39 @@ class _Sampler:
                 best = min(best, _busy_seconds(t))
         self.decode_rate = len(rows) * chunk_bytes / max(best, 1e-6)
         return self.decode_rate
+
+    def measure_calls(self, x_rate: float, ranges: int = 2000) -> float:
+        """Seconds per read call: the engine's reads of X and obs over one-row ranges, per range and array.
+
+        Reads rows 0, 2, 4, ... (``ranges`` of them) of the sampled input with the most rows, as a dataset
+        reads its runs (X, then obs), twice, and keeps the faster; the bytes read (at ``x_rate``) and the
+        chunks decoded (at the decode rate) come off, the rest is per range and array read.
+        """
+        src = max(self.sources, key=lambda s: s.info.n_obs)
+        info = src.info
+        m = max(1, min(ranges, info.n_obs // 2))
+        rows = np.arange(m, dtype=np.int64) * 2
+        runs = np.stack([rows, rows + 1], axis=1)
+        best = float("inf")
+        if info.x_kind == "csr":
+            n = int(src.run_nnz(runs).sum())
+            data, indices = np.empty(n, dtype=info.dtype), np.empty(n, dtype=np.int32)
+        else:
+            out = np.empty((m, info.n_vars), dtype=info.dtype)
+        for _ in range(2):
+            t = _clock()
+            if info.x_kind == "csr":
+                src.read_csr_into(runs, data, indices)
+            else:
+                src.read_dense_into(runs, out)
+            src.read_obs(runs)
+            best = min(best, _busy_seconds(t))
+        row_bytes = info.raw_x_bytes / max(info.n_obs, 1)
+        extra = _extra_decoded_bytes(
+            [info], np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1), np.array([2.0 * m])
+        )[0]
+        spent = m * row_bytes / x_rate + (extra / self.decode_rate if self.decode_rate else 0.0)
+        return max(best - spent, 0.0) / (m * _arrays_per_range(info))
 
     def close(self) -> None:
         for s in self.sources:
@@ -1132,11 +1167,12 @@ def _calibrate_format(
 ) -> Generator[None, None, dict[str, float]]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
-    Datasets written: ten rows from each input, ten rows from one input (with the previous, the per-dataset
-    and per-input fixed costs), a large one (mostly per-byte cost) and a
-    quarter of it cut into runs a few rows long (mostly per-call cost); all four are written once more while
-    the budget lasts, and the best of each kept. The model's counts of each are known; the four costs are
-    their non-negative least-squares fit, in relative error.
+    Measured apart first: the cost of decoding chunks a dataset keeps only part of
+    (:meth:`_Sampler.measure_decode`) and of a read call (:meth:`_Sampler.measure_calls`). Datasets written:
+    ten rows from each input, ten rows from one input (with the previous, the per-dataset and per-input fixed
+    costs) and a large one (mostly per-byte cost); all three are written once more while the budget lasts,
+    and the best of each kept. The model's counts of each are known; the three costs are their non-negative
+    least-squares fit, in relative error.
 
     A generator: it pauses after the first pass, so that the caller can let other work (the fresh process of
     :func:`calibrate`) finish before the second pass is timed, and returns the rates. While ``waiting()``
@@ -1159,16 +1195,11 @@ def _calibrate_format(
         # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
         target = max(0.1 * budget_s, 3 * t_one.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
-        small = max(1, big // 4)
-        chunk = max(1, min(1000, small // 8))
+        chunk = max(1, min(1000, big // 32))
         large = s.plan(chunk, big)
         t_big = s.run(large, disk=True)
         ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
-        arrays = np.mean([_arrays_per_range(i) for i in sample])
-        ranges = 0.1 * budget_s / base.per_format("read_call_s", fmt) / arrays  # about 0.1 budget_s of calls
-        few = int(max(1, min(chunk, small // max(ranges, 1))))
-        calls = s.plan(few, small)
-        t_calls = s.run(calls)
+        call_s = s.measure_calls(rate)
         first_pass = time.perf_counter() - started
         for _ in range(4):  # while the fresh process still runs: more of the short ones (noisy, and cheap)
             if not waiting():
@@ -1180,11 +1211,11 @@ def _calibrate_format(
             t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
             t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
             t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
-            t_calls = min(t_calls, s.run(calls), key=lambda t: t.seconds)
+            call_s = min(call_s, s.measure_calls(rate))
         open_s = s.open_s
     finally:
         s.close()
-    per_byte, call_s, dataset_s, per_input = _fit_costs([t_big, t_calls, t_many, t_one], base.obs_rows_per_s)
+    per_byte, dataset_s, per_input = _fit_costs([t_big, t_many, t_one], base.obs_rows_per_s, call_s)
     if per_byte <= 0:
         per_byte = 1 / base.per_format("x_bytes_per_s", fmt)
     if t_many.inputs <= t_one.inputs:  # one input: the per-input cost cannot be told from the fixed cost
