@@ -1240,13 +1240,16 @@ def calibrate(
 ) -> Calibration:
     """Measure this machine's costs on a sample of the user's own files (a few seconds), and cache them.
 
-    For each input format, the engine itself writes a few datasets of small plans over up to four of the
-    inputs of that format into a temporary directory, each timed (see :func:`_calibrate_format`); the counts
-    of the time model (bytes, read calls, rows, inputs, datasets) are known for each, so its per-byte,
-    per-call and fixed costs follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle (once
-    per machine: cached) and plans a sample of the inputs: its start time, resident memory after each step
-    are the worker start cost, the memory baseline and the memory a run holds per cell. Times are the smaller
-    of wall and CPU time, so that other programs' load does not count.
+    For each input format, up to four of the inputs of that format are read as the engine reads them (one-row
+    ranges: the cost of a read call; one row of each of a few compressed chunks: the cost of decoding what a
+    dataset does not keep), and the engine itself writes a few datasets of small plans over them into a
+    temporary directory, each timed (see :func:`_calibrate_format`); the counts of the time model (bytes,
+    read calls, decoded bytes, rows, inputs, datasets) are known for each, so its per-byte and fixed costs
+    follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle and times first touches of new
+    memory (once per machine: cached) and plans a sample of the inputs: its start time, the resident memory
+    after each step and the touch rate are the worker start cost, the memory baseline, the memory a run holds
+    per cell and the cost of a run's new buffers. Times are the smaller of wall and CPU time, so that other
+    programs' load does not count.
 
     Parameters
     ----------
