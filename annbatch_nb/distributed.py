@@ -6,8 +6,10 @@ Imported only when a ``client`` is given (``shuffle(..., client=...)``, ``annbat
 1. plans, opens the output and takes its lock, exactly as a local run does;
 2. checks that every worker sees the output (the lock file it just wrote, byte for byte) and the inputs at
    the same paths: a shared filesystem or an object store is required;
-3. scatters the plan to every worker once, without its per-cell names (the largest part of a big plan), and
-   submits one task per dataset still to write, a few per worker at a time. A task's arguments are the
+3. hands the plan to the cluster once, as a task that returns it, replicated on every worker (without its
+   per-cell names, the largest part of a big plan; a task's result is computed again if its holders die,
+   scattered data would be lost with its worker),
+   and submits one task per dataset still to write, a few per worker at a time. A task's arguments are the
    dataset number and the unique names of its cells (a slice of the plan, not data);
 4. commits the marker after every task succeeded.
 
@@ -238,7 +240,10 @@ def run_on_cluster(
     client.subscribe_topic(topic, events.put)
     stop = Event(f"annbatch-nb-cancel-{run_id}", client=client)
     slim = worker_plan(plan)
-    plan_future = client.scatter(slim, broadcast=True, hash=False)
+    # a task that returns the plan, not scattered data: if the worker holding it dies, the scheduler computes
+    # it again elsewhere (scattered data is lost with its worker, and the tasks needing it are cancelled)
+    plan_future = client.submit(_plan_value, slim, key=f"annbatch-nb-{run_id}-plan", pure=False)
+    client.replicate([plan_future])  # on every worker: no task is drawn to (and dies with) one holder
     tracker = _Tracker(plan, report)
     waiting = deque(todo)
     pending: dict[Any, int] = {}
@@ -464,6 +469,11 @@ def _release(wp: _WorkerPlan, slot: _Slot) -> None:
             wp.free.append(slot)
             return
     _close_slot(slot)
+
+
+def _plan_value(plan: Plan) -> Plan:
+    """The plan, as a task's result (see :func:`run_on_cluster`)."""
+    return plan
 
 
 def _forget(fingerprint: str) -> None:
