@@ -917,14 +917,24 @@ def _infos(
     return scan(inputs)  # type: ignore[arg-type]
 
 
-def _incidence(infos: list[SourceInfo]) -> tuple[Any, pd.Index]:
-    """Sparse inputs x genes matrix (1 where an input has a gene) and the genes' union, first seen first."""
+def _incidence(infos: list[SourceInfo]) -> tuple[Any, np.ndarray, int]:
+    """The inputs' distinct gene lists (sparse lists x genes), which list each input has, the union's size.
+
+    Each distinct gene list is handled once: an atlas of thousands of files has a handful of lists.
+    """
     import scipy.sparse as sp
 
-    codes, union = pd.factorize(pd.Index(np.concatenate([np.asarray(i.var_names) for i in infos])))
-    rows = np.repeat(np.arange(len(infos)), [i.n_vars for i in infos])
-    m = sp.csr_matrix((np.ones(len(codes), dtype=np.int32), (rows, codes)), shape=(len(infos), len(union)))
-    return m, pd.Index(union)
+    distinct, which = _distinct_lists([i.var_names for i in infos])
+    codes, union = pd.factorize(pd.Index(np.concatenate([np.asarray(v, dtype=object) for v in distinct])))
+    rows = np.repeat(np.arange(len(distinct)), [len(v) for v in distinct])
+    m = sp.csr_matrix((np.ones(len(codes), dtype=np.int64), (rows, codes)), shape=(len(distinct), len(union)))
+    return m, np.asarray(which, dtype=np.int64), len(union)
+
+
+def _gene_counts(m: Any, which: np.ndarray) -> np.ndarray:
+    """Inputs that have each gene."""
+    weights = np.bincount(which, minlength=m.shape[0])
+    return np.asarray(m.T @ weights).ravel()
 
 
 def scan_table(
@@ -948,10 +958,10 @@ def scan_table(
         genes).
     """
     infos = _infos(inputs)
-    m, union = _incidence(infos)
-    in_inputs = np.asarray(m.sum(axis=0)).ravel()
-    in_all = m @ (in_inputs == len(infos)).astype(np.int64)
-    only_here = m @ (in_inputs == 1).astype(np.int64)
+    m, which, n_union = _incidence(infos)
+    counts = _gene_counts(m, which)
+    in_all = (m @ (counts == len(infos)).astype(np.int64))[which]
+    only_here = (m @ (counts == 1).astype(np.int64))[which]
     return pd.DataFrame(
         {
             "format": [i.format for i in infos],
@@ -968,7 +978,7 @@ def scan_table(
             "raw_x_bytes": [i.raw_x_bytes for i in infos],
             "genes_in_all": np.asarray(in_all, dtype=np.int64),
             "genes_only_here": np.asarray(only_here, dtype=np.int64),
-            "union_share": [i.n_vars / max(len(union), 1) for i in infos],
+            "union_share": [i.n_vars / max(n_union, 1) for i in infos],
         },
         index=pd.Index([i.display for i in infos], name="input"),
     )
@@ -986,20 +996,23 @@ class VarOverlap:
         Genes in every input (the output's var with ``var_join="inner"``).
     inputs
         The inputs, as given.
-    incidence
-        Sparse inputs x genes matrix: 1 where an input has a gene (genes in first-seen order).
+    lists
+        Sparse matrix of the inputs' distinct gene lists x genes: 1 where a list has a gene.
+    which
+        Which of ``lists`` each input has.
     """
 
     n_union: int
     n_intersection: int
     inputs: pd.Index
-    incidence: Any = field(repr=False)
+    lists: Any = field(repr=False)
+    which: np.ndarray = field(repr=False)
 
     @cached_property
     def shared(self) -> pd.DataFrame:
         """Inputs x inputs: genes two inputs have in common (the diagonal: each input's genes)."""
-        m = self.incidence
-        return pd.DataFrame((m @ m.T).toarray().astype(np.int64), index=self.inputs, columns=self.inputs)
+        pairs = (self.lists @ self.lists.T).toarray().astype(np.int64)
+        return pd.DataFrame(pairs[np.ix_(self.which, self.which)], index=self.inputs, columns=self.inputs)
 
     def jaccard(self) -> pd.DataFrame:
         """Inputs x inputs: shared genes / genes in either of the two."""
@@ -1030,10 +1043,10 @@ def var_overlap(
         The overlap.
     """
     infos = _infos(inputs)
-    m, union = _incidence(infos)
+    m, which, n_union = _incidence(infos)
+    n_all = int((_gene_counts(m, which) == len(infos)).sum())
     names = pd.Index([i.display for i in infos], name="input")
-    n_all = int((np.asarray(m.sum(axis=0)).ravel() == len(infos)).sum())
-    return VarOverlap(len(union), n_all, names, m)
+    return VarOverlap(n_union, n_all, names, m, which)
 
 
 def plan(

@@ -3,6 +3,7 @@ dataset_size="auto", sweeps, calibration and its cache, and the CLI's JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -327,6 +328,12 @@ def test_scan_table_and_var_overlap_by_hand() -> None:
     assert (overlap.n_union, overlap.n_intersection) == (8, 2)
     assert overlap.shared.to_numpy().tolist() == [[4, 2, 2], [2, 4, 2], [2, 2, 4]]
     assert overlap.jaccard().loc["f0.h5ad", "f1.h5ad"] == pytest.approx(2 / 6)
+    # inputs with the same gene list are counted once per input, not once per list
+    twin = dataclasses.replace(infos[0], display="f0-twin.h5ad", path="/x/f0-twin.h5ad")
+    four = abn.var_overlap([*infos, twin])
+    assert (four.n_union, four.n_intersection) == (8, 2)
+    assert four.shared.loc["f0-twin.h5ad"].tolist() == [4, 2, 2, 4]
+    assert abn.scan_table([*infos, twin])["genes_only_here"].tolist() == [0, 2, 2, 0]  # g0, g3 now in two
     # the CLI's JSON carries both
     p = build_plan(infos, Parameters.validated(shuffle_chunk_size=5, dataset_size=10, seed=0), CAL)
     s = p.summary()
