@@ -832,7 +832,6 @@ class ValidationReport:
 
 
 def _read_var_index(group: zarr.Group) -> pd.Index:
-
     return pd.Index(ad.io.read_elem(group["var"]).index)
 
 

@@ -792,6 +792,8 @@ class H5adSource(Source):
         return isinstance(node, h5py.Dataset)
 
     def _storage(self, arr: Any) -> tuple[int, str]:
+        # h5py names its built-in filters in ``_filters`` and gives plugins (Blosc, zstd) by id;
+        # ``compression`` would name only gzip, lzf and szip
         names = [_H5_FILTERS.get(str(f), str(f)) for f in arr._filters if str(f) not in _H5_NOT_COMPRESSION]
         return (int(arr.chunks[0]) if arr.chunks else 0), "+".join(names) or "none"
 
@@ -899,9 +901,8 @@ class ZarrSource(Source):
 
     def _scan(self) -> SourceInfo:
         info = super()._scan()
-        if (
-            type(self) is ZarrSource and info.x_kind == "csr"
-        ):  # the engine reads such X itself (read_csr_into)
+        # whether read_csr_into will decode X's chunks itself (what the planner's memory model needs to know)
+        if type(self) is ZarrSource and info.x_kind == "csr":
             x = self.root["X"]
             info.x_direct = all(self._chunk_reader(x[k]) is not None for k in ("data", "indices"))
         return info
