@@ -1042,7 +1042,7 @@ class _Sampler:
         self.decode_rate = 0.0
 
     def measure_decode(self, nbytes: float = 32e6) -> float:
-        """Seconds per byte of decoding compressed chunks of X for one row each (0 if no input has them).
+        """Bytes per second of decoding compressed chunks of X for one row each (0 if no input has them).
 
         What a dataset pays for the part of a chunk it does not keep: reads one row from the middle of each
         of the first chunks (up to ``nbytes`` decoded) of the largest chunked, compressed input, as the
