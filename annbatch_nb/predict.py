@@ -837,7 +837,7 @@ def peak_rss_bytes() -> int:
 
 _CHILD = """
 import json, os, sys, tempfile, time
-from annbatch_nb.predict import peak_rss_bytes, _vm_kib, _fault_rate as fault_rate
+from annbatch_nb.predict import peak_rss_bytes, _vm_kib
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
 import annbatch_nb.engine
@@ -854,7 +854,6 @@ if task["baseline"]:
     out["tiny"] = min(time.perf_counter() - t0, time.process_time() - c0)
     import shutil; shutil.rmtree(d, ignore_errors=True)
     out["baseline"] = peak_rss_bytes()
-    out["fault"] = fault_rate()
 if task["inputs"]:
     before = _vm_kib("VmRSS")
     p = abn.plan(task["inputs"], seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
@@ -945,7 +944,6 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
     got = {"process_start_s": float(d["imported"] - started), "import_rss_bytes": int(d["import_rss"])}
     if "baseline" in d:
         got |= {"baseline_rss_bytes": int(d["baseline"]), "tiny_run_s": float(d["tiny"])}
-        got["fault_bytes_per_s"] = float(d["fault"])
     if "cell_bytes" in d:
         got["cell_bytes"] = max(float(d["cell_bytes"]), 0.0)
     return got
@@ -958,8 +956,8 @@ def _fault_rate(total: int = 256 << 20, piece: int = 32 << 20) -> float:
     new pages). Pages freed a moment ago (by this or another process) are quick to touch again; on a virtual
     machine that hands free memory back to its host (virtio-balloon free page reporting), pages free for more
     than a few seconds cost a fault on the host too, several times slower (measured here: 0.3-0.65 GB/s
-    against 4-7 GB/s, from one thread or two). A run's buffers are mostly the latter; so is most of the probe
-    when no other process has just freed memory.
+    against 4-7 GB/s, from one thread or two). A run's buffers are mostly the latter; so is the probe when
+    it runs before anything else has just freed memory (:func:`calibrate` runs it first).
     """
     pieces = []
     t = _clock()
@@ -1245,11 +1243,11 @@ def calibrate(
     dataset does not keep), and the engine itself writes a few datasets of small plans over them into a
     temporary directory, each timed (see :func:`_calibrate_format`); the counts of the time model (bytes,
     read calls, decoded bytes, rows, inputs, datasets) are known for each, so its per-byte and fixed costs
-    follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle and times first touches of new
-    memory (once per machine: cached) and plans a sample of the inputs: its start time, the resident memory
-    after each step and the touch rate are the worker start cost, the memory baseline, the memory a run holds
-    per cell and the cost of a run's new buffers. Times are the smaller of wall and CPU time, so that other
-    programs' load does not count.
+    follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle (once per machine: cached) and
+    plans a sample of the inputs: its start time and resident memory after each step are the worker start
+    cost, the memory baseline and the memory a run holds per cell. Once per machine (cached), before all
+    that, the first touch of new memory is timed (:func:`_fault_rate`): the cost of a run's new buffers.
+    Times are the smaller of wall and CPU time, so that other programs' load does not count.
 
     Parameters
     ----------
@@ -1277,6 +1275,9 @@ def calibrate(
         infos = scan(inputs)  # type: ignore[arg-type]
     base = DEFAULT_CALIBRATION
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
+    # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is
+    # quick to touch again and would hide the cost a run's new buffers pay)
+    fault = _fault_rate() if machine is None else None
     child, started = _start_child(machine is None, infos)  # on another core meanwhile
     formats = sorted({rate_key(i) for i in infos})
     per_fmt: dict[str, dict[str, float]] = {}
@@ -1313,6 +1314,8 @@ def calibrate(
     if machine is None:
         keys = _MACHINE_KEYS
         machine = {k: measured[k] for k in keys if k in measured}
+        if fault is not None:
+            machine["fault_bytes_per_s"] = fault
         if cache and len(machine) == len(keys):
             with contextlib.suppress(OSError):
                 _machine_cache_path().parent.mkdir(parents=True, exist_ok=True)
