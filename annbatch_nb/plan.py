@@ -69,6 +69,8 @@ DEFAULT_MEMORY_FRACTION = 0.5
 PLAN_FORMAT_VERSION = 1
 
 VarJoin = Literal["outer", "inner"]
+#: Inputs as scanned records (:func:`scan`) or as paths, directories and globs.
+ScannedOrPaths = list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]]
 Assignment = Literal["balanced", "uniform"]
 
 
@@ -910,7 +912,7 @@ def scan(
 
 
 def _infos(
-    inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    inputs: ScannedOrPaths,
 ) -> list[SourceInfo]:
     if isinstance(inputs, list) and inputs and all(isinstance(i, SourceInfo) for i in inputs):
         return inputs  # type: ignore[return-value]
@@ -938,7 +940,7 @@ def _gene_counts(m: Any, which: np.ndarray) -> np.ndarray:
 
 
 def scan_table(
-    inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    inputs: ScannedOrPaths,
 ) -> pd.DataFrame:
     """One row per input: shape, sparsity, storage and how its genes overlap the other inputs'.
 
@@ -1028,7 +1030,7 @@ class VarOverlap:
 
 
 def var_overlap(
-    inputs: list[SourceInfo] | str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    inputs: ScannedOrPaths,
 ) -> VarOverlap:
     """The genes the inputs share: union, intersection and (on demand) every pair's shared count.
 

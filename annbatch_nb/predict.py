@@ -229,7 +229,6 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         )
         hit = new_range & (formats[r[:, 0]] == fmt)
         table[f"calls_{fmt}"] = np.bincount(ks[hit], weights=arrays[r[hit, 0]], minlength=kd)
-        table[f"decode_{fmt}"] = np.zeros(kd)
     # largest contiguous range read from an input whose reader returns a new array (zarr-python, virtual
     # h5ad), which the engine then copies into its buffer: a temporary of the range's data and indices, plus
     # zarr's decode buffers. Where the engine decodes X's chunks itself (``x_direct``), only the chunks being
@@ -322,7 +321,9 @@ def _direct_read_bytes(info: SourceInfo) -> float:
     Mirrors ``sources._ZarrChunks.read_into`` (``data``, then ``indices``, on its pool of one thread per CPU,
     at most 4). The compressed chunk is counted at full size (an upper bound).
     """
-    threads = max(1, min(os.cpu_count() or 1, 4))
+    from .sources import _ZarrChunks
+
+    threads = _ZarrChunks.n_threads()
     itemsize = max(info.dtype.itemsize, 4)  # data, then int32 indices
     return float(threads * 2 * info.x_chunk * itemsize)
 
@@ -423,9 +424,7 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
         buffer = nnz * (it + 4) + (rows + 1) * 4
         max_row = max((i.n_vars for i in plan.inputs), default=0)
         block = _gather_block(plan)
-        # a slot's scratch is touched only by a task that runs in it: no more slots than blocks
-        slots = np.minimum(threads, np.ceil(nnz / block))
-        scratch = slots * (np.minimum(block, nnz) + 2 * max_row) * (it + 4)
+        scratch = _encode_slots(threads, nnz, block) * (np.minimum(block, nnz) + 2 * max_row) * (it + 4)
         entry = (it + plan.index_dtype.itemsize) * calibration.compression_ratio
         shard = np.minimum(_shard_elems(plan), nnz) * entry  # blocks in flight belong to it
     else:
@@ -455,9 +454,14 @@ def _touched_bytes(plan: Plan) -> float:
     if plan.x_kind == "csr":
         nnz = float(t["nnz"].max())
         block = _gather_block(plan)
-        slots = min(encode_threads(), max(1.0, np.ceil(nnz / block)))
-        return nnz * (it + 4) + slots * min(block, nnz) * (it + 4)
+        slots = float(_encode_slots(encode_threads(), max(nnz, 1.0), block))
+        return (nnz + slots * min(block, nnz)) * (it + 4)
     return float(t["rows"].max()) * plan.n_vars * it
+
+
+def _encode_slots(threads: int, nnz: Any, block: int) -> Any:
+    """Encoding slots whose gather scratch gets touched: a slot is used only by a task, one per block."""
+    return np.minimum(threads, np.ceil(nnz / block))
 
 
 def _gather_block(plan: Plan) -> int:
@@ -1057,21 +1061,7 @@ class _Sampler:
         chunk_bytes = chunk_rows * per_row * entry if info.x_kind == "csr" else info.x_chunk * entry
         k = int(max(1, min(info.n_obs / max(chunk_rows, 1), nbytes / max(chunk_bytes, 1))))
         rows = np.unique(np.minimum((np.arange(k) + 0.5) * chunk_rows, info.n_obs - 1).astype(np.int64))
-        runs = np.stack([rows, rows + 1], axis=1)
-        best = float("inf")
-        if info.x_kind == "csr":
-            n = int(src.run_nnz(runs).sum())
-            data, indices = np.empty(n, dtype=info.dtype), np.empty(n, dtype=np.int32)
-            for _ in range(2):
-                t = _clock()
-                src.read_csr_into(runs, data, indices)
-                best = min(best, _busy_seconds(t))
-        else:
-            out = np.empty((len(runs), info.n_vars), dtype=info.dtype)
-            for _ in range(2):
-                t = _clock()
-                src.read_dense_into(runs, out)
-                best = min(best, _busy_seconds(t))
+        best = _best_read_seconds(src, np.stack([rows, rows + 1], axis=1))
         self.decode_rate = len(rows) * chunk_bytes / max(best, 1e-6)
         return self.decode_rate
 
@@ -1086,21 +1076,7 @@ class _Sampler:
         info = src.info
         m = max(1, min(ranges, info.n_obs // 2))
         rows = np.arange(m, dtype=np.int64) * 2
-        runs = np.stack([rows, rows + 1], axis=1)
-        best = float("inf")
-        if info.x_kind == "csr":
-            n = int(src.run_nnz(runs).sum())
-            data, indices = np.empty(n, dtype=info.dtype), np.empty(n, dtype=np.int32)
-        else:
-            out = np.empty((m, info.n_vars), dtype=info.dtype)
-        for _ in range(2):
-            t = _clock()
-            if info.x_kind == "csr":
-                src.read_csr_into(runs, data, indices)
-            else:
-                src.read_dense_into(runs, out)
-            src.read_obs(runs)
-            best = min(best, _busy_seconds(t))
+        best = _best_read_seconds(src, np.stack([rows, rows + 1], axis=1), obs=True)
         row_bytes = info.raw_x_bytes / max(info.n_obs, 1)
         extra = _extra_decoded_bytes(
             [info], np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1), np.array([2.0 * m])
@@ -1154,6 +1130,27 @@ class _Sampler:
             else:
                 trial.x_out_bytes = trial.rows * plan.n_vars * plan.dtype.itemsize
         return trial
+
+
+def _best_read_seconds(src: Any, runs: np.ndarray, *, obs: bool = False) -> float:
+    """The faster of two reads of ``runs`` of ``src``'s X (and obs), as a dataset reads them, in seconds."""
+    info = src.info
+    if info.x_kind == "csr":
+        n = int(src.run_nnz(runs).sum())
+        data, indices = np.empty(n, dtype=info.dtype), np.empty(n, dtype=np.int32)
+    else:
+        out = np.empty((int((runs[:, 1] - runs[:, 0]).sum()), info.n_vars), dtype=info.dtype)
+    best = float("inf")
+    for _ in range(2):
+        t = _clock()
+        if info.x_kind == "csr":
+            src.read_csr_into(runs, data, indices)
+        else:
+            src.read_dense_into(runs, out)
+        if obs:
+            src.read_obs(runs)
+        best = min(best, _busy_seconds(t))
+    return best
 
 
 def _calibrate_format(
@@ -1265,14 +1262,9 @@ def calibrate(
     Calibration
         Measured costs (``source="measured"``).
     """
-    from .sources import SourceInfo
+    from .plan import _infos  # imported here: the plan imports this module
 
-    if isinstance(inputs, list) and inputs and all(isinstance(i, SourceInfo) for i in inputs):
-        infos: list[SourceInfo] = inputs  # type: ignore[assignment]
-    else:
-        from .plan import scan
-
-        infos = scan(inputs)  # type: ignore[arg-type]
+    infos = _infos(inputs)
     base = DEFAULT_CALIBRATION
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
     # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is

@@ -1169,10 +1169,13 @@ class _ZarrChunks:
         if cls._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            cls._pool = ThreadPoolExecutor(
-                max(1, min(os.cpu_count() or 1, 4)), thread_name_prefix="zarr-read"
-            )
+            cls._pool = ThreadPoolExecutor(cls.n_threads(), thread_name_prefix="zarr-read")
         return cls._pool
+
+    @staticmethod
+    def n_threads() -> int:
+        """Threads of :meth:`pool`: one per CPU, at most 4."""
+        return max(1, min(os.cpu_count() or 1, 4))
 
 
 # --------------------------------------------------------------------------------------------------
