@@ -808,7 +808,7 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
 #: Seconds per run besides the first dataset's one-time costs: output opened and locked, manifest, commit.
 _RUN_S = 0.05
 #: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 
 
 def _vm_kib(field_name: str) -> int | None:
@@ -871,22 +871,35 @@ if task["inputs"]:
 print(json.dumps(out))
 """
 
-#: Inputs the fresh process scans to measure the memory a run holds per cell (a sample of them, if more).
+#: Inputs the fresh process scans to measure the memory a run holds per cell (a sample of them, if more),
+#: and the cells that suffice (the sample is cut once it has that many: its scan is on calibrate's clock).
 _CELL_SAMPLE = 200
+_CELL_SAMPLE_ROWS = 200_000
+
+
+def _cell_sample(infos: list[SourceInfo]) -> list[SourceInfo]:
+    """The inputs the fresh process plans to measure a run's memory per cell.
+
+    Up to :data:`_CELL_SAMPLE` of them, spread over the list, cut after the one that brings the sample to
+    :data:`_CELL_SAMPLE_ROWS` cells.
+    """
+    step = max(1, -(-len(infos) // _CELL_SAMPLE))
+    sample = infos[::step]
+    enough = int(np.searchsorted(np.cumsum([i.n_obs for i in sample]), _CELL_SAMPLE_ROWS)) + 1
+    return sample[:enough]
 
 
 def _start_child(baseline: bool, infos: list[SourceInfo]) -> tuple[Any, float]:
     """Start a fresh process (in the background) that imports annbatch-nb.
 
-    Then (``baseline``) it runs a tiny shuffle, and it plans a sample of the inputs and opens them as a run
-    does.
+    Then (``baseline``) it runs a tiny shuffle, and it plans a sample of the inputs (:func:`_cell_sample`)
+    and opens them as a run does.
     """
     import subprocess
     import sys
 
     env = {**os.environ, "ANNBATCH_NB_CACHE": tempfile.gettempdir()}
-    step = max(1, -(-len(infos) // _CELL_SAMPLE))
-    task = {"baseline": baseline, "inputs": [i.path for i in infos[::step]]}
+    task = {"baseline": baseline, "inputs": [i.path for i in _cell_sample(infos)]}
     started = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(task)],
@@ -998,22 +1011,38 @@ class _Trial:
     inputs: float
     x_out_bytes: float = 0.0
     x_disk_bytes: float = 0.0
-    decode_s: float = 0.0
+    decoded: float = 0.0
 
 
-def _fit_costs(trials: list[_Trial], obs_rows_per_s: float, call_s: float) -> tuple[float, float, float]:
+def _call_seconds(probe: _Trial, x_bytes_per_s: float, decode_bytes_per_s: float) -> float:
+    """Seconds per read call, from the timed one-row reads of :meth:`_Sampler.measure_calls`.
+
+    What the bytes read (at ``x_bytes_per_s``) and the chunks decoded (at ``decode_bytes_per_s``) do not
+    explain, per call.
+    """
+    spent = probe.bytes / x_bytes_per_s + probe.decoded / decode_bytes_per_s
+    return max(probe.seconds - spent, 0.0) / max(probe.calls, 1.0)
+
+
+def _fit_costs(
+    trials: list[_Trial], obs_rows_per_s: float, call_s: float, decode_bytes_per_s: float
+) -> tuple[float, float, float]:
     """Per-byte, per-dataset and per-input seconds that explain the trials' seconds.
 
-    ``seconds - rows / obs_rows_per_s - decode_s - calls * call_s = bytes * per_byte + dataset_s + inputs *
-    per_input`` for each trial (``decode_s``: decoding the parts of chunks it does not keep, and ``call_s``,
-    the cost of a read call, both measured apart), each equation scaled by its seconds (relative errors weigh
-    the same), solved for non-negative costs (exactly, when three independent trials fit).
+    ``seconds - rows / obs_rows_per_s - decoded / decode_bytes_per_s - calls * call_s = bytes * per_byte +
+    dataset_s + inputs * per_input`` for each trial (``decoded``: the bytes of chunks it decodes but does not
+    keep; the decode rate and ``call_s``, the cost of a read call, are measured apart), each equation scaled
+    by its seconds (relative errors weigh the same), solved for non-negative costs (exactly, when three
+    independent trials fit).
     """
     from scipy.optimize import nnls
 
     a = np.array([[t.bytes, 1.0, t.inputs] for t in trials])
     y = np.array(
-        [max(t.seconds - t.rows / obs_rows_per_s - t.decode_s - t.calls * call_s, 0.0) for t in trials]
+        [
+            max(t.seconds - t.rows / obs_rows_per_s - t.decoded / decode_bytes_per_s - t.calls * call_s, 0.0)
+            for t in trials
+        ]
     )
     w = 1 / np.maximum(np.array([t.seconds for t in trials]), 1e-3)
     scale = np.maximum(np.abs(a).max(axis=0), 1e-12)  # columns of similar size, for a well-posed solve
@@ -1041,7 +1070,6 @@ class _Sampler:
         for src in self.sources:  # read once per run: not part of a dataset's cost
             if src.info.x_kind == "csr":
                 _ = src.indptr
-        self.decode_rate = 0.0
 
     def measure_decode(self, nbytes: float = 32e6) -> float:
         """Bytes per second of decoding compressed chunks of X for one row each (0 if no input has them).
@@ -1062,27 +1090,37 @@ class _Sampler:
         k = int(max(1, min(info.n_obs / max(chunk_rows, 1), nbytes / max(chunk_bytes, 1))))
         rows = np.unique(np.minimum((np.arange(k) + 0.5) * chunk_rows, info.n_obs - 1).astype(np.int64))
         best = _best_read_seconds(src, np.stack([rows, rows + 1], axis=1))
-        self.decode_rate = len(rows) * chunk_bytes / max(best, 1e-6)
-        return self.decode_rate
+        return len(rows) * chunk_bytes / max(best, 1e-6)
 
-    def measure_calls(self, x_rate: float, ranges: int = 2000) -> float:
-        """Seconds per read call: the engine's reads of X and obs over one-row ranges, per range and array.
+    def measure_calls(self, ranges: int = 2000, enough_s: float = 0.02) -> _Trial:
+        """The engine's reads of X and obs over one-row ranges, timed: what a read call costs.
 
-        Reads rows 0, 2, 4, ... (``ranges`` of them) of the sampled input with the most rows, as a dataset
-        reads its runs (X, then obs), twice, and keeps the faster; the bytes read (at ``x_rate``) and the
-        chunks decoded (at the decode rate) come off, the rest is per range and array read.
+        Reads rows 0, 2, 4, ... of the sampled input with the most rows, as a dataset reads its runs (X,
+        then obs), twice, and keeps the faster: a tenth of ``ranges`` of them when one read of those takes
+        ``enough_s`` (slow calls, as through h5py: enough to time them), else ``ranges``. The result counts
+        the bytes read, the bytes of chunks decoded but not kept, and the calls (ranges times arrays read per
+        range); see :func:`_call_seconds`.
         """
         src = max(self.sources, key=lambda s: s.info.n_obs)
         info = src.info
-        m = max(1, min(ranges, info.n_obs // 2))
-        rows = np.arange(m, dtype=np.int64) * 2
-        best = _best_read_seconds(src, np.stack([rows, rows + 1], axis=1), obs=True)
-        row_bytes = info.raw_x_bytes / max(info.n_obs, 1)
+        m = max(1, min(ranges // 10, info.n_obs // 2))
+        best = _best_read_seconds(src, _one_row_runs(m), obs=True, times=1)
+        if best < enough_s and m < info.n_obs // 2:
+            m = max(1, min(ranges, info.n_obs // 2))
+            best = _best_read_seconds(src, _one_row_runs(m), obs=True)
+        else:
+            best = min(best, _best_read_seconds(src, _one_row_runs(m), obs=True, times=1))
         extra = _extra_decoded_bytes(
             [info], np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1), np.array([2.0 * m])
         )[0]
-        spent = m * row_bytes / x_rate + (extra / self.decode_rate if self.decode_rate else 0.0)
-        return max(best - spent, 0.0) / (m * _arrays_per_range(info))
+        return _Trial(
+            seconds=best,
+            rows=float(m),
+            bytes=m * info.raw_x_bytes / max(info.n_obs, 1),
+            calls=float(m * _arrays_per_range(info)),
+            inputs=1.0,
+            decoded=float(extra),
+        )
 
     def close(self) -> None:
         for s in self.sources:
@@ -1117,7 +1155,7 @@ class _Sampler:
             bytes=float(sum(v[0] for k, v in tab.items() if k.startswith("bytes_"))),
             calls=float(sum(v[0] for k, v in tab.items() if k.startswith("calls_"))),
             inputs=float(tab["inputs"][0]),
-            decode_s=decoded / self.decode_rate if self.decode_rate else 0.0,
+            decoded=decoded,
         )
         if disk:
             x_dir = out / "dataset_0" / "X"
@@ -1132,8 +1170,14 @@ class _Sampler:
         return trial
 
 
-def _best_read_seconds(src: Any, runs: np.ndarray, *, obs: bool = False) -> float:
-    """The faster of two reads of ``runs`` of ``src``'s X (and obs), as a dataset reads them, in seconds."""
+def _one_row_runs(m: int) -> np.ndarray:
+    """Rows 0, 2, 4, ... (``m`` of them) as runs of one row."""
+    rows = np.arange(m, dtype=np.int64) * 2
+    return np.stack([rows, rows + 1], axis=1)
+
+
+def _best_read_seconds(src: Any, runs: np.ndarray, *, obs: bool = False, times: int = 2) -> float:
+    """The fastest of ``times`` reads of ``runs`` of ``src``'s X (and obs), as a dataset reads them, in s."""
     info = src.info
     if info.x_kind == "csr":
         n = int(src.run_nnz(runs).sum())
@@ -1141,7 +1185,7 @@ def _best_read_seconds(src: Any, runs: np.ndarray, *, obs: bool = False) -> floa
     else:
         out = np.empty((int((runs[:, 1] - runs[:, 0]).sum()), info.n_vars), dtype=info.dtype)
     best = float("inf")
-    for _ in range(2):
+    for _ in range(times):
         t = _clock()
         if info.x_kind == "csr":
             src.read_csr_into(runs, data, indices)
@@ -1162,12 +1206,12 @@ def _calibrate_format(
 ) -> Generator[None, None, dict[str, float]]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
-    Measured apart first: the cost of decoding chunks a dataset keeps only part of
+    Measured apart: the cost of decoding chunks a dataset keeps only part of
     (:meth:`_Sampler.measure_decode`) and of a read call (:meth:`_Sampler.measure_calls`). Datasets written:
     ten rows from each input, ten rows from one input (with the previous, the per-dataset and per-input fixed
-    costs) and a large one (mostly per-byte cost); all three are written once more while the budget lasts,
-    and the best of each kept. The model's counts of each are known; the three costs are their non-negative
-    least-squares fit, in relative error.
+    costs) and a large one (mostly per-byte cost). All of these are measured once more while the budget
+    lasts, and the best of each kept. The model's counts of each are known; the three costs are their
+    non-negative least-squares fit, in relative error.
 
     A generator: it pauses after the first pass, so that the caller can let other work (the fresh process of
     :func:`calibrate`) finish before the second pass is timed, and returns the rates. While ``waiting()``
@@ -1180,37 +1224,45 @@ def _calibrate_format(
         bytes_per_row = sum(i.raw_x_bytes for i in sample) / max(rows_total, 1)
         fmt = rate_key(sample[0])
         rate = base.per_format("x_bytes_per_s", fmt)
-        decode_rate = s.measure_decode() or base.per_format("decode_bytes_per_s", fmt)
-        s.decode_rate = decode_rate
+        decode_rate = s.measure_decode()
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
         started = time.perf_counter()
         # the process's first dataset also pays one-time costs: the second pass measures it again
         t_many, t_one = s.run(many), s.run(one)
         # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
-        target = max(0.1 * budget_s, 3 * t_one.seconds) * rate
+        target = max(0.1 * budget_s, 2 * t_one.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         chunk = max(1, min(1000, big // 32))
         large = s.plan(chunk, big)
         t_big = s.run(large, disk=True)
         ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
-        call_s = s.measure_calls(rate)
+        calls = s.measure_calls()
         first_pass = time.perf_counter() - started
-        for _ in range(4):  # while the fresh process still runs: more of the short ones (noisy, and cheap)
-            if not waiting():
-                break
+        # while the fresh process still runs: more of the short ones (noisy, and cheap), the best kept
+        shorts = 1
+        while shorts < 5 and waiting():
             t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
-            t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
+            if waiting():
+                t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
+                shorts += 1
         yield
         if first_pass < 2 * budget_s:  # the best of two of each: the fresh process competed with the first
-            t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
-            t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
+            if shorts < 3:  # the best of three or more beside it is as good as one alone
+                t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
+                t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
             t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
-            call_s = min(call_s, s.measure_calls(rate))
+            # decoding, timed in the first pass beside the fresh process, is timed again alone
+            decode_rate = max(decode_rate, s.measure_decode())
+            calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
         open_s = s.open_s
     finally:
         s.close()
-    per_byte, dataset_s, per_input = _fit_costs([t_big, t_many, t_one], base.obs_rows_per_s, call_s)
+    decode_rate = decode_rate or base.per_format("decode_bytes_per_s", fmt)
+    call_s = _call_seconds(calls, rate, decode_rate)
+    per_byte, dataset_s, per_input = _fit_costs(
+        [t_big, t_many, t_one], base.obs_rows_per_s, call_s, decode_rate
+    )
     if per_byte <= 0:
         per_byte = 1 / base.per_format("x_bytes_per_s", fmt)
     if t_many.inputs <= t_one.inputs:  # one input: the per-input cost cannot be told from the fixed cost

@@ -153,23 +153,34 @@ def test_workers_time_and_memory_by_hand(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_fit_recovers_the_costs_that_made_the_trials() -> None:
-    from annbatch_nb.predict import _fit_costs, _Trial
+    from annbatch_nb.predict import _call_seconds, _fit_costs, _Trial
 
-    per_byte, call_s, dataset_s, per_input = 1e-8, 2e-4, 0.15, 0.03
+    per_byte, call_s, dataset_s, per_input, decode_rate = 1e-8, 2e-4, 0.15, 0.03, 5e8
     trials = [
         _Trial(
-            seconds=b * per_byte + c * call_s + dataset_s + i * per_input + r / 1e6 + d,
+            seconds=b * per_byte + c * call_s + dataset_s + i * per_input + r / 1e6 + d / decode_rate,
             rows=r,
             bytes=b,
             calls=c,
             inputs=i,
-            decode_s=d,
+            decoded=d,
         )
-        for b, c, i, r, d in [(5e7, 150, 4, 18_000, 0.2), (1e5, 20, 4, 40, 0.0), (3e4, 5, 1, 10, 0.01)]
+        for b, c, i, r, d in [(5e7, 150, 4, 18_000, 1e8), (1e5, 20, 4, 40, 0.0), (3e4, 5, 1, 10, 5e6)]
     ]
     # the call and decode costs are measured apart: the rest is solved exactly
-    fit = _fit_costs(trials, 1e6, call_s)
+    fit = _fit_costs(trials, 1e6, call_s, decode_rate)
     assert fit == pytest.approx((per_byte, dataset_s, per_input), rel=1e-9)
+    # a read call: one-row reads whose bytes and decoded chunks are priced at the given rates
+    probe = _Trial(
+        seconds=4000 * 2e-5 + 2e6 / 4e8 + 3e7 / decode_rate,
+        rows=2000,
+        bytes=2e6,
+        calls=4000,
+        inputs=1,
+        decoded=3e7,
+    )
+    assert _call_seconds(probe, 4e8, decode_rate) == pytest.approx(2e-5, rel=1e-9)
+    assert _call_seconds(probe, 1e3, decode_rate) == 0.0  # never negative
 
 
 def test_busy_seconds_is_the_smaller_of_wall_and_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,3 +380,20 @@ def test_decoding_whole_compressed_chunks_by_hand() -> None:
     assert p.time.serial_seconds == pytest.approx(
         p.time.x + p.time.calls + p.time.obs + p.time.decode + p.time.overhead
     )
+
+
+def test_the_fresh_process_plans_enough_cells_from_a_spread_of_inputs() -> None:
+    import dataclasses
+
+    from annbatch_nb.predict import _CELL_SAMPLE, _CELL_SAMPLE_ROWS, _cell_sample
+
+    one = _one_input(n=10)[0]
+    many = [dataclasses.replace(one, path=f"/x/{j}.h5ad", n_obs=90_000) for j in range(8)]
+    # 90,000 cells each: the third brings the sample to 200,000 cells
+    assert _CELL_SAMPLE_ROWS == 200_000
+    assert [i.path for i in _cell_sample(many)] == ["/x/0.h5ad", "/x/1.h5ad", "/x/2.h5ad"]
+    small = [dataclasses.replace(one, path=f"/x/{j}.h5ad", n_obs=100) for j in range(1000)]
+    # 1,000 small inputs: every fifth, 200 of them (20,000 cells), all kept
+    assert [i.path for i in _cell_sample(small)] == [f"/x/{j}.h5ad" for j in range(0, 1000, 5)]
+    assert len(_cell_sample(small)) == _CELL_SAMPLE
+    assert _cell_sample(many[:1]) == many[:1]
