@@ -1052,7 +1052,7 @@ def var_overlap(
 
 
 def plan(
-    inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    inputs: ScannedOrPaths,
     *,
     shuffle_chunk_size: int = 1000,
     dataset_size: int | str = DEFAULT_DATASET_SIZE,
@@ -1071,7 +1071,8 @@ def plan(
     Parameters
     ----------
     inputs
-        ``.h5ad`` files, AnnData ``.zarr`` stores, directories of them, or glob patterns.
+        ``.h5ad`` files, AnnData ``.zarr`` stores, directories of them, or glob patterns; or the records
+        :func:`scan` returned for them (not scanned again: ``virtualize`` was the scan's).
     shuffle_chunk_size
         Rows per contiguous run cut from the inputs.
     dataset_size
@@ -1116,7 +1117,10 @@ def plan(
         assignment=assignment,
         memory_fraction=memory_fraction,
     )
-    infos = scan(inputs, virtualize=virtualize)
+    if isinstance(inputs, list) and inputs and all(isinstance(i, SourceInfo) for i in inputs):
+        infos: list[SourceInfo] = inputs
+    else:
+        infos = scan(inputs, virtualize=virtualize)  # type: ignore[arg-type]
     if calibration is True:
         from .predict import calibrate
 

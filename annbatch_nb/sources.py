@@ -595,23 +595,24 @@ class Source(ABC):
             Number of entries written.
         """
         x = self.root["X"]
+        data, indices = x["data"], x["indices"]  # looked up once: an h5py lookup costs ~0.1 ms
         ip = self.indptr
         ranges = [(int(ip[lo]), int(ip[hi])) for lo, hi in coalesce_runs(runs)]
-        gap = self._merge_gap(x["data"])
+        gap = self._merge_gap(data)
         pos = 0
         for group in _group_ranges(ranges, gap):
             if len(group) == 1:  # one read straight into place
                 a, b = group[0]
                 n = b - a
                 if n:
-                    self._read_range_into(x["data"], a, b, data_out[pos : pos + n])
-                    self._read_range_into(x["indices"], a, b, indices_out[pos : pos + n])
+                    self._read_range_into(data, a, b, data_out[pos : pos + n])
+                    self._read_range_into(indices, a, b, indices_out[pos : pos + n])
                 pos += n
                 continue
             # ranges close together inside compressed chunks: read the span once, keep the ranges
             lo, hi = group[0][0], group[-1][1]
-            span_data = self._read_range(x["data"], lo, hi)
-            span_idx = self._read_range(x["indices"], lo, hi)
+            span_data = self._read_range(data, lo, hi)
+            span_idx = self._read_range(indices, lo, hi)
             for a, b in group:
                 n = b - a
                 data_out[pos : pos + n] = span_data[a - lo : b - lo]

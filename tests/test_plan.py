@@ -244,6 +244,24 @@ def test_plan_is_deterministic_and_fingerprinted() -> None:
     assert abn.build_plan([touched, infos[1]], p1.params).fingerprint != p1.fingerprint
 
 
+def test_plan_takes_scanned_inputs_without_scanning_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    plan_module = sys.modules["annbatch_nb.plan"]  # the package's ``plan`` is the function
+    infos = [info("a", 5000), info("b", 3000)]
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again")
+
+    monkeypatch.setattr(plan_module, "scan", no_scan)
+    p = abn.plan(infos, shuffle_chunk_size=50, dataset_size=1000, seed=9, calibration=abn.Calibration())
+    assert p.inputs == infos
+    assert (
+        p.fingerprint
+        == abn.build_plan(infos, params(shuffle_chunk_size=50, dataset_size=1000, seed=9)).fingerprint
+    )
+
+
 def test_plan_pickles_and_describes_itself() -> None:
     p = abn.build_plan(
         [info("a", 5000), info("b", 3000, x_kind="dense")], params(shuffle_chunk_size=50, dataset_size=1000)
