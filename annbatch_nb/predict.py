@@ -1209,9 +1209,10 @@ def _calibrate_format(
     Measured apart: the cost of decoding chunks a dataset keeps only part of
     (:meth:`_Sampler.measure_decode`) and of a read call (:meth:`_Sampler.measure_calls`). Datasets written:
     ten rows from each input, ten rows from one input (with the previous, the per-dataset and per-input fixed
-    costs) and a large one (mostly per-byte cost). All of these are measured once more while the budget
-    lasts, and the best of each kept. The model's counts of each are known; the three costs are their
-    non-negative least-squares fit, in relative error.
+    costs) and a large one (mostly per-byte cost). All of these are measured again alone while the budget
+    lasts (the large one twice: every prediction's per-byte cost rests on it; the short ones only if fewer
+    than three of each ran meanwhile), and the best of each kept. The model's counts of each are known; the
+    three costs are their non-negative least-squares fit, in relative error.
 
     A generator: it pauses after the first pass, so that the caller can let other work (the fresh process of
     :func:`calibrate`) finish before the second pass is timed, and returns the rates. While ``waiting()``
@@ -1230,8 +1231,9 @@ def _calibrate_format(
         started = time.perf_counter()
         # the process's first dataset also pays one-time costs: the second pass measures it again
         t_many, t_one = s.run(many), s.run(one)
-        # the large dataset's bytes should cost a few times its fixed costs, or its per-byte rate is lost
-        target = max(0.1 * budget_s, 2 * t_one.seconds) * rate
+        # the large dataset's bytes should cost more than its fixed costs, or its per-byte rate is lost in
+        # them; it is written twice more alone, the best kept
+        target = max(0.1 * budget_s, 1.5 * t_one.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         chunk = max(1, min(1000, big // 32))
         large = s.plan(chunk, big)
@@ -1251,7 +1253,8 @@ def _calibrate_format(
             if shorts < 3:  # the best of three or more beside it is as good as one alone
                 t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
                 t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
-            t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
+            for _ in range(2):  # the per-byte cost rests on it: one hiccup would skew every prediction
+                t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
             # decoding, timed in the first pass beside the fresh process, is timed again alone
             decode_rate = max(decode_rate, s.measure_decode())
             calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
