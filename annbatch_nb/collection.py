@@ -724,8 +724,10 @@ class DatasetWriter:
         copy_tree(_constant_frames(self.plan), store, path, skip_root=True)
 
 
-#: var and the empty elements of recent plans, encoded (see :meth:`DatasetWriter.write_frames`).
+#: var and the empty elements of recent plans, encoded (see :meth:`DatasetWriter.write_frames`); the last
+#: :data:`_CONSTANT_FRAMES_KEPT` plans' (calibration's samples alternate between three plans).
 _CONSTANT_FRAMES: OrderedDict[str, Any] = OrderedDict()
+_CONSTANT_FRAMES_KEPT = 4
 _CONSTANT_FRAMES_LOCK = threading.Lock()
 
 
@@ -741,7 +743,7 @@ def _constant_frames(plan: Plan) -> Any:
         ad.io.write_elem(group, name, {})
     with _CONSTANT_FRAMES_LOCK:
         _CONSTANT_FRAMES[key] = group.store_path.store
-        while len(_CONSTANT_FRAMES) > 2:
+        while len(_CONSTANT_FRAMES) > _CONSTANT_FRAMES_KEPT:
             _CONSTANT_FRAMES.popitem(last=False)
     return group.store_path.store
 

@@ -21,7 +21,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -911,6 +911,15 @@ def _start_child(baseline: bool, infos: list[SourceInfo]) -> tuple[Any, float]:
     return proc, started
 
 
+def _lowest_priority(pid: int) -> bool:
+    """Lower process ``pid`` to the lowest CPU priority (nice 19); False where that is not possible."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, 19)
+    except (AttributeError, OSError):  # not on this platform, or the process is gone
+        return False
+    return True
+
+
 def _machine_cache_path() -> Path:
     import platform
     import sys
@@ -1202,21 +1211,19 @@ def _calibrate_format(
     tmp: Path,
     budget_s: float,
     base: Calibration,
-    waiting: Callable[[], bool] = lambda: False,
 ) -> Generator[None, None, dict[str, float]]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
-    Measured apart: the cost of decoding chunks a dataset keeps only part of
-    (:meth:`_Sampler.measure_decode`) and of a read call (:meth:`_Sampler.measure_calls`). Datasets written:
-    ten rows from each input, ten rows from one input (with the previous, the per-dataset and per-input fixed
-    costs) and a large one (mostly per-byte cost). All of these are measured again alone while the budget
-    lasts (the large one twice: every prediction's per-byte cost rests on it; the short ones only if fewer
-    than three of each ran meanwhile), and the best of each kept. The model's counts of each are known; the
-    three costs are their non-negative least-squares fit, in relative error.
+    Datasets written: ten rows from each input, ten rows from one input (with the previous, the per-dataset
+    and per-input fixed costs) and a large one (mostly per-byte cost). Measured apart: the cost of decoding
+    chunks a dataset keeps only part of (:meth:`_Sampler.measure_decode`) and of a read call
+    (:meth:`_Sampler.measure_calls`). The model's counts of each dataset are known; the three costs are their
+    non-negative least-squares fit, in relative error.
 
-    A generator: it pauses after the first pass, so that the caller can let other work (the fresh process of
-    :func:`calibrate`) finish before the second pass is timed, and returns the rates. While ``waiting()``
-    says that work still runs, the short datasets are written again meanwhile.
+    A generator: the first pass (the three datasets) runs beside other work (the fresh process of
+    :func:`calibrate`) and pauses; the caller lets that work finish, and the second pass writes the datasets
+    again alone (the large one twice, the better kept) and measures the decode and call costs. Only the
+    second pass's times are kept, unless the first took over twice the budget (then it is the only one).
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -1225,39 +1232,30 @@ def _calibrate_format(
         bytes_per_row = sum(i.raw_x_bytes for i in sample) / max(rows_total, 1)
         fmt = rate_key(sample[0])
         rate = base.per_format("x_bytes_per_s", fmt)
-        decode_rate = s.measure_decode()
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
         started = time.perf_counter()
-        # the process's first dataset also pays one-time costs: the second pass measures it again
+        # the first pass runs beside the fresh process: its samples pay the process's one-time costs and
+        # grow the engine's buffers (first touch), and are kept only if there is no second pass
         t_many, t_one = s.run(many), s.run(one)
         # the large dataset's bytes should cost more than its fixed costs, or its per-byte rate is lost in
-        # them; it is written twice more alone, the best kept
+        # them
         target = max(0.1 * budget_s, 1.5 * t_one.seconds) * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         chunk = max(1, min(1000, big // 32))
         large = s.plan(chunk, big)
         t_big = s.run(large, disk=True)
         ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
-        calls = s.measure_calls()
         first_pass = time.perf_counter() - started
-        # while the fresh process still runs: more of the short ones (noisy, and cheap), the best kept
-        shorts = 1
-        while shorts < 5 and waiting():
-            t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
-            if waiting():
-                t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
-                shorts += 1
         yield
-        if first_pass < 2 * budget_s:  # the best of two of each: the fresh process competed with the first
-            if shorts < 3:  # the best of three or more beside it is as good as one alone
-                t_many = min(t_many, s.run(many), key=lambda t: t.seconds)
-                t_one = min(t_one, s.run(one), key=lambda t: t.seconds)
-            for _ in range(2):  # the per-byte cost rests on it: one hiccup would skew every prediction
-                t_big = min(t_big, s.run(large), key=lambda t: t.seconds)
-            # decoding, timed in the first pass beside the fresh process, is timed again alone
-            decode_rate = max(decode_rate, s.measure_decode())
-            calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
+        if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
+            # CPU time misses the engine's waits and wall time counts the other process's work)
+            t_many, t_one = s.run(many), s.run(one)
+            # the per-byte cost rests on the large one: the better of two, so that one hiccup does not skew
+            # every prediction
+            t_big = min(s.run(large), s.run(large), key=lambda t: t.seconds)
+        decode_rate = s.measure_decode()
+        calls = s.measure_calls()
         open_s = s.open_s
     finally:
         s.close()
@@ -1297,7 +1295,9 @@ def calibrate(
     read calls, decoded bytes, rows, inputs, datasets) are known for each, so its per-byte and fixed costs
     follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle (once per machine: cached) and
     plans a sample of the inputs: its start time and resident memory after each step are the worker start
-    cost, the memory baseline and the memory a run holds per cell. Once per machine (cached), before all
+    cost, the memory baseline and the memory a run holds per cell. The engine's samples are written twice:
+    beside that process, then alone (the times kept); when the process only has memory left to measure, it
+    goes on at the lowest CPU priority while the second pass runs. Once per machine (cached), before all
     that, the first touch of new memory is timed (:func:`_fault_rate`): the cost of a run's new buffers.
     Times are the smaller of wall and CPU time, so that other programs' load does not count.
 
@@ -1307,8 +1307,8 @@ def calibrate(
         The inputs (paths, or scanned :class:`~annbatch_nb.sources.SourceInfo` records).
     budget_s
         Seconds to spend on one pass over the engine samples, about. The first pass runs alongside the fresh
-        process; a second, alone, follows (unless the first took more than twice the budget); the best of
-        the two of each sample is kept.
+        process and warms up; a second, alone, follows and is the one kept (unless the first took more than
+        twice the budget: then the first is kept).
     cache
         Store the result under ``~/.cache/annbatch-nb`` (or ``$ANNBATCH_NB_CACHE``), keyed by host and inputs.
 
@@ -1335,19 +1335,23 @@ def calibrate(
                 Path(tmp),
                 budget_s / len(formats),
                 base,
-                waiting=lambda: child.poll() is None,
             )
             for fmt in formats
         }
         try:
             for step in steps.values():  # a first pass, while the fresh process runs
                 next(step)
-            measured = _finish_child(child, started)  # a second without it competing for the cores
+            # a second without it competing for the cores: when it only measures memory (this machine's
+            # times are cached), it goes on at the lowest priority, on what the second pass leaves idle
+            yielded = machine is not None and _lowest_priority(child.pid)
+            measured = {} if yielded else _finish_child(child, started)
             for fmt, step in steps.items():
                 try:
                     next(step)
                 except StopIteration as done:
                     per_fmt[fmt] = done.value
+            if yielded:
+                measured = _finish_child(child, started)
         finally:
             for step in steps.values():
                 step.close()
