@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -397,3 +398,19 @@ def test_the_fresh_process_plans_enough_cells_from_a_spread_of_inputs() -> None:
     assert [i.path for i in _cell_sample(small)] == [f"/x/{j}.h5ad" for j in range(0, 1000, 5)]
     assert len(_cell_sample(small)) == _CELL_SAMPLE
     assert _cell_sample(many[:1]) == many[:1]
+
+
+def test_the_fresh_process_can_be_lowered_to_the_lowest_priority() -> None:
+    import subprocess
+    import sys
+
+    from annbatch_nb.predict import _lowest_priority
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _lowest_priority(proc.pid)
+        assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 19
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not _lowest_priority(proc.pid)  # gone: nothing to lower, and no error
