@@ -1222,8 +1222,9 @@ def _calibrate_format(
 
     A generator: the first pass (the three datasets) runs beside other work (the fresh process of
     :func:`calibrate`) and pauses; the caller lets that work finish, and the second pass writes the datasets
-    again alone (the large one twice, the better kept) and measures the decode and call costs. Only the
-    second pass's times are kept, unless the first took over twice the budget (then it is the only one).
+    again alone (the large one twice, the better kept), whose times are kept (unless the first took over
+    twice the budget: then the first pass is the only one). The decode and call probes run in both passes,
+    the faster kept: competing for the cores only slows them.
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -1246,6 +1247,9 @@ def _calibrate_format(
         large = s.plan(chunk, big)
         t_big = s.run(large, disk=True)
         ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
+        # the probes beside the other process too: competing for the cores can only make them slower, and
+        # the faster of the two passes is kept (one short probe alone can hit a slow moment)
+        decode_rate, calls = s.measure_decode(), s.measure_calls()
         first_pass = time.perf_counter() - started
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
@@ -1254,8 +1258,8 @@ def _calibrate_format(
             # the per-byte cost rests on the large one: the better of two, so that one hiccup does not skew
             # every prediction
             t_big = min(s.run(large), s.run(large), key=lambda t: t.seconds)
-        decode_rate = s.measure_decode()
-        calls = s.measure_calls()
+            decode_rate = max(decode_rate, s.measure_decode())
+            calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
         open_s = s.open_s
     finally:
         s.close()
