@@ -966,6 +966,7 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
         d = json.loads(out.strip().splitlines()[-1])
     except Exception:  # best effort: keep the reference values
         proc.kill()
+        proc.wait()
         return {}
     got = {"process_start_s": float(d["imported"] - started), "import_rss_bytes": int(d["import_rss"])}
     if "baseline" in d:
@@ -1359,6 +1360,9 @@ def calibrate(
         finally:
             for step in steps.values():
                 step.close()
+            if child.poll() is None:  # a sample failed: the fresh process is not left behind
+                child.kill()
+                child.wait()
     weights = np.array([max(v["weight"], 1.0) for v in per_fmt.values()])
 
     def mean(key: str) -> float:

@@ -262,6 +262,32 @@ def test_calibration_is_measured_cached_and_used(demo: list[str], tmp_path: Path
     assert abn.plan(demo, seed=0).calibration == cal  # picked up from the cache
 
 
+def test_a_failed_calibration_leaves_no_process_behind(
+    demo: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from annbatch_nb import predict
+
+    monkeypatch.setenv("ANNBATCH_NB_CACHE", str(tmp_path / "cache"))
+    # this machine's times cached: the fresh process only measures memory, and runs on during the second pass
+    predict._machine_cache_path().parent.mkdir(parents=True)
+    predict._machine_cache_path().write_text(json.dumps(dict.fromkeys(predict._MACHINE_KEYS, 1.0)))
+    started = []
+    start = predict._start_child
+    monkeypatch.setattr(predict, "_start_child", lambda *a: started.append(start(*a)) or started[-1])
+    run = predict._Sampler.run
+
+    def fails_in_the_second_pass(self, plan, **kwargs):
+        if self.n >= 3:
+            raise RuntimeError("disk full")
+        return run(self, plan, **kwargs)
+
+    monkeypatch.setattr(predict._Sampler, "run", fails_in_the_second_pass)
+    with pytest.raises(RuntimeError, match="disk full"):
+        calibrate(demo, budget_s=60.0)  # a budget that the first pass cannot overrun: a second pass
+    proc = started[0][0]
+    assert proc.poll() is not None  # killed and reaped, not left running
+
+
 def test_cli_plan_json_has_predictions(demo: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", *demo, "--dataset-size", "600", "--shuffle-chunk-size", "50", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
