@@ -911,12 +911,11 @@ def scan(
             s.close()
 
 
-def _infos(
-    inputs: ScannedOrPaths,
-) -> list[SourceInfo]:
+def _infos(inputs: ScannedOrPaths, *, virtualize: Virtualize = "auto") -> list[SourceInfo]:
+    """Scanned records as given, or the scan of paths (``virtualize`` applies only to a scan)."""
     if isinstance(inputs, list) and inputs and all(isinstance(i, SourceInfo) for i in inputs):
         return inputs  # type: ignore[return-value]
-    return scan(inputs)  # type: ignore[arg-type]
+    return scan(inputs, virtualize=virtualize)  # type: ignore[arg-type]
 
 
 def _incidence(infos: list[SourceInfo]) -> tuple[Any, np.ndarray, int]:
@@ -1117,10 +1116,7 @@ def plan(
         assignment=assignment,
         memory_fraction=memory_fraction,
     )
-    if isinstance(inputs, list) and inputs and all(isinstance(i, SourceInfo) for i in inputs):
-        infos: list[SourceInfo] = inputs
-    else:
-        infos = scan(inputs, virtualize=virtualize)  # type: ignore[arg-type]
+    infos = _infos(inputs, virtualize=virtualize)
     if calibration is True:
         from .predict import calibrate
 

@@ -282,21 +282,7 @@ def _extra_decoded_bytes(
     out = np.zeros(len(lo))
     if not len(lo):
         return out
-    per_row = np.array([(i.nnz / max(i.n_obs, 1)) if i.x_kind == "csr" else 1.0 for i in infos])
-    chunk_rows = np.array(
-        [
-            i.x_chunk / max(per_row[j], 1e-12) if i.x_chunk and i.x_compression not in ("", "none") else 0.0
-            for j, i in enumerate(infos)
-        ]
-    )
-    row_bytes = np.array(
-        [
-            (i.nnz / max(i.n_obs, 1)) * (i.dtype.itemsize + 4)
-            if i.x_kind == "csr"
-            else i.n_vars * i.dtype.itemsize
-            for i in infos
-        ]
-    )
+    chunk_rows, row_bytes = np.array([_chunk_geometry(i) for i in infos], dtype=np.float64).reshape(-1, 2).T
     n_obs = np.array([i.n_obs for i in infos], dtype=np.float64)
     c = chunk_rows[inp]
     chunked = c > 0
@@ -313,6 +299,16 @@ def _extra_decoded_bytes(
     decoded = np.minimum(chunks * safe, n_obs[inp])
     out[chunked] = (np.maximum(decoded - (hi - lo), 0.0) * row_bytes[inp])[chunked]
     return out
+
+
+def _chunk_geometry(info: SourceInfo) -> tuple[float, float]:
+    """Rows of X per compressed chunk (0 when X is uncompressed or contiguous) and decoded bytes per row."""
+    per_row = info.nnz / max(info.n_obs, 1) if info.x_kind == "csr" else 1.0
+    compressed = info.x_chunk and info.x_compression not in ("", "none")
+    chunk_rows = info.x_chunk / max(per_row, 1e-12) if compressed else 0.0
+    if info.x_kind == "csr":
+        return chunk_rows, per_row * (info.dtype.itemsize + 4)
+    return chunk_rows, float(info.n_vars * info.dtype.itemsize)
 
 
 def _direct_read_bytes(info: SourceInfo) -> float:
@@ -1088,15 +1084,13 @@ class _Sampler:
         of the first chunks (up to ``nbytes`` decoded) of the largest chunked, compressed input, as the
         engine reads runs, twice, and keeps the faster; the rate is per decoded byte.
         """
-        chunked = [s for s in self.sources if s.info.x_chunk and s.info.x_compression not in ("", "none")]
+        chunked = [s for s in self.sources if _chunk_geometry(s.info)[0] > 0]
         if not chunked:
             return 0.0
         src = max(chunked, key=lambda s: s.info.raw_x_bytes)
         info = src.info
-        per_row = info.nnz / max(info.n_obs, 1) if info.x_kind == "csr" else 1.0
-        chunk_rows = info.x_chunk / max(per_row, 1e-12)
-        entry = (info.dtype.itemsize + 4) if info.x_kind == "csr" else info.n_vars * info.dtype.itemsize
-        chunk_bytes = chunk_rows * per_row * entry if info.x_kind == "csr" else info.x_chunk * entry
+        chunk_rows, row_bytes = _chunk_geometry(info)
+        chunk_bytes = chunk_rows * row_bytes
         k = int(max(1, min(info.n_obs / max(chunk_rows, 1), nbytes / max(chunk_bytes, 1))))
         rows = np.unique(np.minimum((np.arange(k) + 0.5) * chunk_rows, info.n_obs - 1).astype(np.int64))
         best = _best_read_seconds(src, np.stack([rows, rows + 1], axis=1))
