@@ -253,6 +253,12 @@ class BufferPool:
         """Release every buffer."""
         self._arrays.clear()
 
+    def touch(self) -> int:
+        """Write every page of every buffer (their first touch, page faults, paid now); the bytes touched."""
+        for a in self._arrays.values():
+            a.fill(0)
+        return sum(a.nbytes for a in self._arrays.values())
+
 
 @dataclass
 class CSRBuffer:
@@ -764,6 +770,36 @@ def _write_dense_x(
 # --------------------------------------------------------------------------------------------------
 # Writing one dataset
 # --------------------------------------------------------------------------------------------------
+def reserve_buffers(plan: Plan, k: int, sources: list[Source], pool: BufferPool) -> int:
+    """Grow ``pool`` to the buffers writing dataset ``k`` reuses and touch them; the bytes touched.
+
+    The read buffers (CSR ``data``/``indices``/``indptr`` for the dataset's entries, or the dense block)
+    and each encoding thread's gather scratch, sized as :func:`write_dataset` sizes them (a dense input in a
+    sparse collection is not counted; the scratch allows rows as long as ``n_vars``). For a caller that
+    times datasets (the planner's calibration): a run pays these page faults once, not per dataset.
+    """
+    runs = plan.dataset_runs(k)
+    n_rows = int((runs[:, 2] - runs[:, 1]).sum())
+    threads = encode_threads()
+    if plan.x_kind == "csr":
+        capacity = 0
+        for i in np.unique(runs[:, 0]):
+            if sources[i].info.x_kind == "csr":
+                capacity += int(sources[i].run_nnz(runs[runs[:, 0] == i][:, 1:]).sum())
+        idx_dtype = _index_dtype(capacity, plan.n_vars)
+        pool.get("data", capacity, plan.dtype)
+        pool.get("indices", capacity, idx_dtype)
+        pool.get("indptr", n_rows + 1, idx_dtype)
+        chunk = plan.x_chunk_elems
+        block = max(chunk, (_GATHER_ELEMS // chunk) * chunk)
+        for slot in range(threads):
+            pool.get(f"gather_data:{slot}", block + 2 * plan.n_vars, plan.dtype)
+            pool.get(f"gather_indices:{slot}", block + 2 * plan.n_vars, idx_dtype)
+    else:
+        pool.get("dense", n_rows * plan.n_vars, plan.dtype)
+    return pool.touch()
+
+
 def write_dataset(
     plan: Plan,
     k: int,

@@ -455,6 +455,34 @@ def _touched_bytes(plan: Plan) -> float:
     return float(t["rows"].max()) * plan.n_vars * it
 
 
+def _touch_seconds(plan: Plan, c: Calibration) -> float:
+    """Wall seconds of first touching the engine's reused buffers (:func:`_touched_bytes`).
+
+    Page faults cost CPU time on the thread that touches the page, and threads fault side by side (measured
+    here: 1 GiB from two threads took half the wall time of one, the same CPU time). A CSR read buffer is
+    filled by the thread that reads (``os.preadv`` or an h5py/zarr-python call: one), except from inputs
+    whose chunks the engine decodes itself (``SourceInfo.x_direct``), copied into place by the decoding
+    pool's threads; each encoding thread touches its own gather scratch.
+    """
+    from .engine import encode_threads  # imported here: the engine imports this module
+    from .sources import _ZarrChunks
+
+    t = _dataset_table(plan)
+    if not len(t["rows"]):
+        return 0.0
+    if plan.x_kind != "csr":
+        return _touched_bytes(plan) / c.fault_bytes_per_s
+    it = plan.dtype.itemsize
+    nnz = float(t["nnz"].max())
+    block = _gather_block(plan)
+    slots = float(_encode_slots(encode_threads(), max(nnz, 1.0), block))
+    total = sum(float(i.raw_x_bytes) for i in plan.inputs)
+    direct = sum(float(i.raw_x_bytes) for i in plan.inputs if i.x_direct) / max(total, 1.0)
+    readers = (1.0 - direct) + direct / _ZarrChunks.n_threads()
+    scratch = slots * min(block, nnz) / max(slots, 1.0)  # one slot's worth: the slots fault side by side
+    return (nnz * readers + scratch) * (it + 4) / c.fault_bytes_per_s
+
+
 def _encode_slots(threads: int, nnz: Any, block: int) -> Any:
     """Encoding slots whose gather scratch gets touched: a slot is used only by a task, one per block."""
     return np.minimum(threads, np.ceil(nnz / block))
@@ -647,7 +675,7 @@ def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
         for i in plan.inputs
         if i.x_kind == "csr"
     )
-    return opens + indptr + _touched_bytes(plan) / c.fault_bytes_per_s
+    return opens + indptr + _touch_seconds(plan, c)
 
 
 def _serial_seconds(plan: Plan, c: Calibration) -> float:
@@ -804,7 +832,7 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
 #: Seconds per run besides the first dataset's one-time costs: output opened and locked, manifest, commit.
 _RUN_S = 0.05
 #: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
-CALIBRATION_VERSION = 4
+CALIBRATION_VERSION = 5
 
 
 def _vm_kib(field_name: str) -> int | None:
@@ -842,7 +870,8 @@ import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
 import annbatch_nb.engine
 task = json.loads(sys.argv[1])
-out = {"imported": time.time(), "import_rss": _vm_kib("VmRSS") or peak_rss_bytes()}
+out = {"imported": time.time(), "import_cpu": time.process_time(),
+       "import_rss": _vm_kib("VmRSS") or peak_rss_bytes()}
 if task["baseline"]:
     d = tempfile.mkdtemp(prefix="annbatch-nb-baseline-")
     x = sp.random(200, 50, density=0.1, format="csr", dtype=np.float32, random_state=0)
@@ -856,7 +885,12 @@ if task["baseline"]:
     out["baseline"] = peak_rss_bytes()
 if task["inputs"]:
     before = _vm_kib("VmRSS")
-    p = abn.plan(task["inputs"], seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
+    infos = []
+    for path in task["inputs"]:  # scanned one by one, up to the cells that suffice
+        infos += abn.scan(path)
+        if sum(i.n_obs for i in infos) >= task["rows"]:
+            break
+    p = abn.plan(infos, seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
     _ = p.obs_names
     sources = annbatch_nb.engine._open_for_plan(p)
     for s in sources:
@@ -873,29 +907,33 @@ _CELL_SAMPLE = 200
 _CELL_SAMPLE_ROWS = 200_000
 
 
+def _spread(items: list[Any]) -> list[Any]:
+    """At most :data:`_CELL_SAMPLE` of ``items``, spread over the list."""
+    return items[:: max(1, -(-len(items) // _CELL_SAMPLE))]
+
+
 def _cell_sample(infos: list[SourceInfo]) -> list[SourceInfo]:
     """The inputs the fresh process plans to measure a run's memory per cell.
 
     Up to :data:`_CELL_SAMPLE` of them, spread over the list, cut after the one that brings the sample to
-    :data:`_CELL_SAMPLE_ROWS` cells.
+    :data:`_CELL_SAMPLE_ROWS` cells (the fresh process makes the same cut as it scans, when given paths).
     """
-    step = max(1, -(-len(infos) // _CELL_SAMPLE))
-    sample = infos[::step]
+    sample = _spread(infos)
     enough = int(np.searchsorted(np.cumsum([i.n_obs for i in sample]), _CELL_SAMPLE_ROWS)) + 1
     return sample[:enough]
 
 
-def _start_child(baseline: bool, infos: list[SourceInfo]) -> tuple[Any, float]:
+def _start_child(baseline: bool, paths: list[str]) -> tuple[Any, float]:
     """Start a fresh process (in the background) that imports annbatch-nb.
 
-    Then (``baseline``) it runs a tiny shuffle, and it plans a sample of the inputs (:func:`_cell_sample`)
-    and opens them as a run does.
+    Then (``baseline``) it runs a tiny shuffle, and it scans ``paths`` in turn until it has
+    :data:`_CELL_SAMPLE_ROWS` cells (see :func:`_cell_sample`), plans them and opens them as a run does.
     """
     import subprocess
     import sys
 
     env = {**os.environ, "ANNBATCH_NB_CACHE": tempfile.gettempdir()}
-    task = {"baseline": baseline, "inputs": [i.path for i in _cell_sample(infos)]}
+    task = {"baseline": baseline, "inputs": paths, "rows": _CELL_SAMPLE_ROWS}
     started = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(task)],
@@ -964,7 +1002,9 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
         proc.kill()
         proc.wait()
         return {}
-    got = {"process_start_s": float(d["imported"] - started), "import_rss_bytes": int(d["import_rss"])}
+    # the smaller of wall and CPU time, as for the samples: the process runs beside calibrate's own work
+    start_s = min(float(d["imported"] - started), float(d.get("import_cpu", np.inf)))
+    got = {"process_start_s": start_s, "import_rss_bytes": int(d["import_rss"])}
     if "baseline" in d:
         got |= {"baseline_rss_bytes": int(d["baseline"]), "tiny_run_s": float(d["tiny"])}
     if "cell_bytes" in d:
@@ -972,7 +1012,7 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
     return got
 
 
-def _fault_rate(total: int = 256 << 20, piece: int = 32 << 20) -> float:
+def _fault_rate(total: int = 128 << 20, piece: int = 32 << 20) -> float:
     """Bytes per second of first touching memory the process has not used before.
 
     Allocates and fills ``total`` bytes in pieces of ``piece`` (each above glibc's largest mmap threshold, so
@@ -1138,6 +1178,12 @@ class _Sampler:
         params = Parameters.validated(shuffle_chunk_size=chunk, dataset_size=rows, seed=0)
         return build_plan(infos, params, DEFAULT_CALIBRATION)
 
+    def reserve(self, plan: Plan) -> None:
+        """Grow and first-touch the engine's buffers for writing dataset 0 of ``plan``."""
+        from .engine import reserve_buffers
+
+        reserve_buffers(plan, 0, self.sources[: len(plan.inputs)], self.pool)
+
     def run(self, plan: Plan, *, disk: bool = False) -> _Trial:
         from .collection import open_output, release_lock
         from .engine import write_dataset
@@ -1215,11 +1261,13 @@ def _calibrate_format(
     (:meth:`_Sampler.measure_calls`). The model's counts of each dataset are known; the three costs are their
     non-negative least-squares fit, in relative error.
 
-    A generator: the first pass (the three datasets) runs beside other work (the fresh process of
-    :func:`calibrate`) and pauses; the caller lets that work finish, and the second pass writes the datasets
-    again alone (the large one twice, the better kept), whose times are kept (unless the first took over
-    twice the budget: then the first pass is the only one). The decode and call probes run in both passes,
-    the faster kept: competing for the cores only slows them.
+    A generator: the first pass runs beside other work (the fresh process of :func:`calibrate`) and pauses;
+    it writes the many-input dataset (paying one-time costs), grows and first-touches the engine's buffers to
+    the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
+    that work's priority, and the second pass writes the datasets, the many-input and the large one twice
+    each with the better kept (the per-byte cost is the difference of the two: one hiccup would skew every
+    prediction). Unless the first pass took over twice the budget: then it finishes the samples once. The
+    decode and call probes run in both passes, the faster kept: competing for the cores only slows them.
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -1231,30 +1279,36 @@ def _calibrate_format(
         tiny = min(10, min(i.n_obs for i in sample))
         many, one = s.plan(tiny, tiny * len(sample)), s.plan(tiny, tiny, inputs=1)
         started = time.perf_counter()
-        # the first pass runs beside the fresh process: its samples pay the process's one-time costs and
-        # grow the engine's buffers (first touch), and are kept only if there is no second pass
-        t_many, t_one = s.run(many), s.run(one)
+        # the first pass runs beside the fresh process: its sample pays the process's one-time costs (and is
+        # kept only if there is no second pass)
+        t_many = s.run(many)
         # the large dataset's bytes should cost more than its fixed costs, or its per-byte rate is lost in
         # them
-        target = max(0.1 * budget_s, 1.5 * t_one.seconds) * rate
+        target = 0.15 * budget_s * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         chunk = max(1, min(1000, big // 32))
         large = s.plan(chunk, big)
-        t_big = s.run(large, disk=True)
-        ratio = t_big.x_disk_bytes / t_big.x_out_bytes if t_big.x_out_bytes else 0.0
+        # the engine's buffers grown and first touched (a run pays that once, not per dataset)
+        s.reserve(large)
         # the probes beside the other process too: competing for the cores can only make them slower, and
         # the faster of the two passes is kept (one short probe alone can hit a slow moment)
         decode_rate, calls = s.measure_decode(), s.measure_calls()
         first_pass = time.perf_counter() - started
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
-            # CPU time misses the engine's waits and wall time counts the other process's work)
-            t_many, t_one = s.run(many), s.run(one)
-            # the per-byte cost rests on the large one: the better of two, so that one hiccup does not skew
-            # every prediction
-            t_big = min(s.run(large), s.run(large), key=lambda t: t.seconds)
+            # CPU time misses the engine's waits and wall time counts the other process's work); the fixed
+            # costs and the per-byte cost rest on the many-input and the large one: the better of two of each,
+            # so that one hiccup does not skew every prediction
+            t_many = min(s.run(many), s.run(many), key=lambda t: t.seconds)
+            t_one = s.run(one)
+            on_disk = s.run(large, disk=True)
+            t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
             decode_rate = max(decode_rate, s.measure_decode())
             calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
+        else:
+            t_one, t_big = s.run(one), s.run(large, disk=True)
+            on_disk = t_big
+        ratio = on_disk.x_disk_bytes / on_disk.x_out_bytes if on_disk.x_out_bytes else 0.0
         open_s = s.open_s
     finally:
         s.close()
@@ -1293,12 +1347,12 @@ def calibrate(
     temporary directory, each timed (see :func:`_calibrate_format`); the counts of the time model (bytes,
     read calls, decoded bytes, rows, inputs, datasets) are known for each, so its per-byte and fixed costs
     follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle (once per machine: cached) and
-    plans a sample of the inputs: its start time and resident memory after each step are the worker start
-    cost, the memory baseline and the memory a run holds per cell. The engine's samples are written twice:
-    beside that process, then alone (the times kept); when the process only has memory left to measure, it
-    goes on at the lowest CPU priority while the second pass runs. Once per machine (cached), before all
-    that, the first touch of new memory is timed (:func:`_fault_rate`): the cost of a run's new buffers.
-    Times are the smaller of wall and CPU time, so that other programs' load does not count.
+    scans and plans a sample of the inputs: its start time and resident memory after each step are the
+    worker start cost, the memory baseline and the memory a run holds per cell. The engine's samples warm up
+    beside that process, which then goes on at the lowest CPU priority while the samples kept are written
+    (its own times are CPU times). Once per machine (cached), before all that, the first touch of new memory
+    is timed (:func:`_fault_rate`): the cost of a run's new buffers. Times are the smaller of wall and CPU
+    time, so that other programs' load does not count.
 
     Parameters
     ----------
@@ -1316,15 +1370,29 @@ def calibrate(
     Calibration
         Measured costs (``source="measured"``).
     """
-    from .plan import _infos  # imported here: the plan imports this module
+    from .plan import _scan_specs  # imported here: the plan imports this module
+    from .sources import SourceInfo, resolve_inputs
 
-    infos = _infos(inputs)
     base = DEFAULT_CALIBRATION
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
+    scanned = isinstance(inputs, list) and bool(inputs) and all(isinstance(i, SourceInfo) for i in inputs)
+    specs = [] if scanned else resolve_inputs(inputs)  # type: ignore[arg-type]
     # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is
-    # quick to touch again and would hide the cost a run's new buffers pay)
+    # quick to touch again and would hide the cost a run's new buffers pay), and before the fresh process
+    # starts (starting it can free memory: then the probe measures the quick kind)
     fault = _fault_rate() if machine is None else None
-    child, started = _start_child(machine is None, infos)  # on another core meanwhile
+    # the fresh process, on another core, while the inputs are scanned here (it scans its sample itself)
+    if scanned:
+        infos = list(inputs)  # type: ignore[arg-type]
+        child, started = _start_child(machine is None, [i.path for i in _cell_sample(infos)])
+    else:
+        child, started = _start_child(machine is None, [s.path for s in _spread(specs)])
+        try:
+            infos = _scan_specs(specs)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
     formats = sorted({rate_key(i) for i in infos})
     per_fmt: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
@@ -1340,9 +1408,9 @@ def calibrate(
         try:
             for step in steps.values():  # a first pass, while the fresh process runs
                 next(step)
-            # a second without it competing for the cores: when it only measures memory (this machine's
-            # times are cached), it goes on at the lowest priority, on what the second pass leaves idle
-            yielded = machine is not None and _lowest_priority(child.pid)
+            # a second without it competing for the cores: it goes on at the lowest priority, on what the
+            # second pass leaves idle (its own times are CPU times: they do not count the waits)
+            yielded = _lowest_priority(child.pid)
             measured = {} if yielded else _finish_child(child, started)
             for fmt, step in steps.items():
                 try:
