@@ -41,7 +41,7 @@ from .predict import (
     rows_for_memory,
 )
 from .quality import Quality, shuffle_quality
-from .sources import ColumnSpec, InputSpec, SourceInfo, Virtualize, open_sources, resolve_inputs
+from .sources import ColumnSpec, SourceInfo, Virtualize, open_sources, resolve_inputs
 
 if TYPE_CHECKING:
     from .engine import ShuffleResult
@@ -903,12 +903,7 @@ def scan(
     list[SourceInfo]
         One record per input.
     """
-    return _scan_specs(resolve_inputs(inputs), virtualize=virtualize)
-
-
-def _scan_specs(specs: list[InputSpec], *, virtualize: Virtualize = "auto") -> list[SourceInfo]:
-    """:func:`scan` of resolved inputs."""
-    sources = open_sources(specs, virtualize=virtualize)
+    sources = open_sources(resolve_inputs(inputs), virtualize=virtualize)
     try:
         return [s.info for s in sources]
     finally:

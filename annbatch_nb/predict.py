@@ -885,12 +885,7 @@ if task["baseline"]:
     out["baseline"] = peak_rss_bytes()
 if task["inputs"]:
     before = _vm_kib("VmRSS")
-    infos = []
-    for path in task["inputs"]:  # scanned one by one, up to the cells that suffice
-        infos += abn.scan(path)
-        if sum(i.n_obs for i in infos) >= task["rows"]:
-            break
-    p = abn.plan(infos, seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
+    p = abn.plan(task["inputs"], seed=0, dataset_size=10**12, calibration=abn.predict.DEFAULT_CALIBRATION)
     _ = p.obs_names
     sources = annbatch_nb.engine._open_for_plan(p)
     for s in sources:
@@ -907,33 +902,29 @@ _CELL_SAMPLE = 200
 _CELL_SAMPLE_ROWS = 200_000
 
 
-def _spread(items: list[Any]) -> list[Any]:
-    """At most :data:`_CELL_SAMPLE` of ``items``, spread over the list."""
-    return items[:: max(1, -(-len(items) // _CELL_SAMPLE))]
-
-
 def _cell_sample(infos: list[SourceInfo]) -> list[SourceInfo]:
     """The inputs the fresh process plans to measure a run's memory per cell.
 
     Up to :data:`_CELL_SAMPLE` of them, spread over the list, cut after the one that brings the sample to
-    :data:`_CELL_SAMPLE_ROWS` cells (the fresh process makes the same cut as it scans, when given paths).
+    :data:`_CELL_SAMPLE_ROWS` cells.
     """
-    sample = _spread(infos)
+    step = max(1, -(-len(infos) // _CELL_SAMPLE))
+    sample = infos[::step]
     enough = int(np.searchsorted(np.cumsum([i.n_obs for i in sample]), _CELL_SAMPLE_ROWS)) + 1
     return sample[:enough]
 
 
-def _start_child(baseline: bool, paths: list[str]) -> tuple[Any, float]:
+def _start_child(baseline: bool, infos: list[SourceInfo]) -> tuple[Any, float]:
     """Start a fresh process (in the background) that imports annbatch-nb.
 
-    Then (``baseline``) it runs a tiny shuffle, and it scans ``paths`` in turn until it has
-    :data:`_CELL_SAMPLE_ROWS` cells (see :func:`_cell_sample`), plans them and opens them as a run does.
+    Then (``baseline``) it runs a tiny shuffle, and it plans a sample of the inputs (:func:`_cell_sample`)
+    and opens them as a run does (its scan as a run's, on several threads: their memory counts too).
     """
     import subprocess
     import sys
 
     env = {**os.environ, "ANNBATCH_NB_CACHE": tempfile.gettempdir()}
-    task = {"baseline": baseline, "inputs": paths, "rows": _CELL_SAMPLE_ROWS}
+    task = {"baseline": baseline, "inputs": [i.path for i in _cell_sample(infos)]}
     started = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, json.dumps(task)],
@@ -1058,6 +1049,11 @@ class _Trial:
     x_out_bytes: float = 0.0
     x_disk_bytes: float = 0.0
     decoded: float = 0.0
+
+
+def _mean_trial(a: _Trial, b: _Trial) -> _Trial:
+    """Two writes of one sample as one, of their mean time."""
+    return replace(a, seconds=(a.seconds + b.seconds) / 2)
 
 
 def _call_seconds(probe: _Trial, x_bytes_per_s: float, decode_bytes_per_s: float) -> float:
@@ -1265,9 +1261,9 @@ def _calibrate_format(
     it writes the many-input dataset (paying one-time costs), grows and first-touches the engine's buffers to
     the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
     that work's priority, and the second pass writes the datasets, the many-input and the large one twice
-    each with the better kept (the per-byte cost is the difference of the two: one hiccup would skew every
-    prediction). Unless the first pass took over twice the budget: then it finishes the samples once. The
-    decode and call probes run in both passes, the faster kept: competing for the cores only slows them.
+    each (their mean, and the better of the large one's: the per-byte cost is the difference of the two).
+    Unless the first pass took over twice the budget: then it finishes the samples once. The decode and call
+    probes run in both passes, the faster kept: competing for the cores only slows them.
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -1296,10 +1292,11 @@ def _calibrate_format(
         first_pass = time.perf_counter() - started
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
-            # CPU time misses the engine's waits and wall time counts the other process's work); the fixed
-            # costs and the per-byte cost rest on the many-input and the large one: the better of two of each,
-            # so that one hiccup does not skew every prediction
-            t_many = min(s.run(many), s.run(many), key=lambda t: t.seconds)
+            # CPU time misses the engine's waits and wall time counts the other process's work); the per-byte
+            # cost is the difference of the large one and the many-input one: the mean of two of the latter
+            # (a real dataset's fixed costs are typical ones, not the best), the better of two of the former
+            # (one hiccup in it would skew every prediction)
+            t_many = _mean_trial(s.run(many), s.run(many))
             t_one = s.run(one)
             on_disk = s.run(large, disk=True)
             t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
@@ -1370,29 +1367,16 @@ def calibrate(
     Calibration
         Measured costs (``source="measured"``).
     """
-    from .plan import _scan_specs  # imported here: the plan imports this module
-    from .sources import SourceInfo, resolve_inputs
+    from .plan import _infos  # imported here: the plan imports this module
 
     base = DEFAULT_CALIBRATION
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
-    scanned = isinstance(inputs, list) and bool(inputs) and all(isinstance(i, SourceInfo) for i in inputs)
-    specs = [] if scanned else resolve_inputs(inputs)  # type: ignore[arg-type]
+    infos = _infos(inputs)
     # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is
     # quick to touch again and would hide the cost a run's new buffers pay), and before the fresh process
     # starts (starting it can free memory: then the probe measures the quick kind)
     fault = _fault_rate() if machine is None else None
-    # the fresh process, on another core, while the inputs are scanned here (it scans its sample itself)
-    if scanned:
-        infos = list(inputs)  # type: ignore[arg-type]
-        child, started = _start_child(machine is None, [i.path for i in _cell_sample(infos)])
-    else:
-        child, started = _start_child(machine is None, [s.path for s in _spread(specs)])
-        try:
-            infos = _scan_specs(specs)
-        except BaseException:
-            child.kill()
-            child.wait()
-            raise
+    child, started = _start_child(machine is None, infos)  # on another core meanwhile
     formats = sorted({rate_key(i) for i in infos})
     per_fmt: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:

@@ -440,3 +440,24 @@ def test_the_fresh_process_can_be_lowered_to_the_lowest_priority() -> None:
         proc.kill()
         proc.wait()
     assert not _lowest_priority(proc.pid)  # gone: nothing to lower, and no error
+
+
+def test_first_touch_of_a_directly_decoded_input_is_shared_by_the_decoding_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from annbatch_nb.predict import _touch_seconds
+    from annbatch_nb.sources import _ZarrChunks
+
+    monkeypatch.setenv("ANNBATCH_NB_THREADS", "2")
+    monkeypatch.setattr(_ZarrChunks, "n_threads", staticmethod(lambda: 4))
+    (info,) = _one_input()
+    direct = dataclasses.replace(info, path="/x/a.zarr", format="zarr", x_direct=True)
+    params = Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0)
+    # read through one thread (h5py, preadv): the read buffer and one gather block, as in the time model
+    assert _touch_seconds(build_plan([info], params, CAL), CAL) == pytest.approx(
+        (10_000 * 8 + 10_000 * 8) / 1e7
+    )
+    # decoded by the engine on four threads, which copy into the read buffer side by side
+    assert _touch_seconds(build_plan([direct], params, CAL), CAL) == pytest.approx(
+        (10_000 * 8 / 4 + 10_000 * 8) / 1e7
+    )
