@@ -1003,7 +1003,7 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
     return got
 
 
-def _fault_rate(total: int = 128 << 20, piece: int = 32 << 20) -> float:
+def _fault_rate(total: int = 256 << 20, piece: int = 32 << 20) -> float:
     """Bytes per second of first touching memory the process has not used before.
 
     Allocates and fills ``total`` bytes in pieces of ``piece`` (each above glibc's largest mmap threshold, so
@@ -1051,9 +1051,9 @@ class _Trial:
     decoded: float = 0.0
 
 
-def _mean_trial(a: _Trial, b: _Trial) -> _Trial:
-    """Two writes of one sample as one, of their mean time."""
-    return replace(a, seconds=(a.seconds + b.seconds) / 2)
+def _median_trial(trials: list[_Trial]) -> _Trial:
+    """Writes of one sample as one: the write of the median time (typical; one outlier does not move it)."""
+    return sorted(trials, key=lambda t: t.seconds)[len(trials) // 2]
 
 
 def _call_seconds(probe: _Trial, x_bytes_per_s: float, decode_bytes_per_s: float) -> float:
@@ -1260,8 +1260,9 @@ def _calibrate_format(
     A generator: the first pass runs beside other work (the fresh process of :func:`calibrate`) and pauses;
     it writes the many-input dataset (paying one-time costs), grows and first-touches the engine's buffers to
     the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
-    that work's priority, and the second pass writes the datasets, the many-input and the large one twice
-    each (their mean, and the better of the large one's: the per-byte cost is the difference of the two).
+    that work's priority, and the second pass writes the datasets: the many-input one three times (the
+    median kept), the one-input one, and the large one twice (the better kept; the per-byte cost is the
+    difference of the large and the many-input one).
     Unless the first pass took over twice the budget: then it finishes the samples once. The decode and call
     probes run in both passes, the faster kept: competing for the cores only slows them.
     """
@@ -1293,10 +1294,11 @@ def _calibrate_format(
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
             # CPU time misses the engine's waits and wall time counts the other process's work); the per-byte
-            # cost is the difference of the large one and the many-input one: the mean of two of the latter
-            # (a real dataset's fixed costs are typical ones, not the best), the better of two of the former
-            # (one hiccup in it would skew every prediction)
-            t_many = _mean_trial(s.run(many), s.run(many))
+            # cost is the difference of the large one and the many-input one: the median of three of the
+            # latter (a real dataset's fixed costs are typical ones, not the best; the mean of two was
+            # moved by one slow write), the better of two of the former (one hiccup in it would skew every
+            # prediction)
+            t_many = _median_trial([s.run(many) for _ in range(3)])
             t_one = s.run(one)
             on_disk = s.run(large, disk=True)
             t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
