@@ -1003,23 +1003,32 @@ def _finish_child(proc: Any, started: float) -> dict[str, float]:
     return got
 
 
-def _fault_rate(total: int = 256 << 20, piece: int = 32 << 20) -> float:
+def _fault_rate(
+    total: int = 256 << 20, piece: int = 32 << 20, most: int = 512 << 20, slow: float = 1e9
+) -> float:
     """Bytes per second of first touching memory the process has not used before.
 
-    Allocates and fills ``total`` bytes in pieces of ``piece`` (each above glibc's largest mmap threshold, so
-    new pages). Pages freed a moment ago (by this or another process) are quick to touch again; on a virtual
-    machine that hands free memory back to its host (virtio-balloon free page reporting), pages free for more
-    than a few seconds cost a fault on the host too, several times slower (measured here: 0.3-0.65 GB/s
-    against 4-7 GB/s, from one thread or two). A run's buffers are mostly the latter; so is the probe when
-    it runs before anything else has just freed memory (:func:`calibrate` runs it first).
+    Allocates and fills pieces of ``piece`` bytes (each above glibc's largest mmap threshold, so new pages),
+    ``total`` of them, timing each. Pages freed a moment ago (by this or another process) are quick to touch
+    again; on a virtual machine that hands free memory back to its host (virtio-balloon free page reporting),
+    pages free for more than a few seconds cost a fault on the host too, several times slower (measured here:
+    0.25-0.35 GB/s against 3-6 GB/s). A run's buffers are mostly the latter, and the kernel hands out the
+    recently freed pages first: after a free the first pieces are quick, the rest slow. The rate is the
+    median of the slow pieces (those within twice the slowest); while no piece is slower than ``slow``, more
+    are touched, up to ``most`` bytes (on a machine without the slow kind that is quick).
     """
-    pieces = []
-    t = _clock()
-    for _ in range(max(1, total // piece)):
+    pieces: list[np.ndarray] = []
+    rates: list[float] = []
+    while True:
+        t = _clock()
         pieces.append(np.ones(piece, dtype=np.uint8))
-    seconds = _busy_seconds(t)  # the guest's CPU time includes the host's faults
+        rates.append(piece / max(_busy_seconds(t), 1e-6))  # the guest's CPU time includes the host's faults
+        done = len(pieces) * piece
+        if done >= total and (min(rates) < slow or done >= most):
+            break
     del pieces
-    return max(1, total // piece) * piece / max(seconds, 1e-6)
+    r = np.array(rates)
+    return float(np.median(r[r <= 2 * r.min()]))
 
 
 def _clock() -> tuple[float, float]:
@@ -1281,7 +1290,7 @@ def _calibrate_format(
         t_many = s.run(many)
         # the large dataset's bytes should cost more than its fixed costs, or its per-byte rate is lost in
         # them
-        target = 0.15 * budget_s * rate
+        target = 0.12 * budget_s * rate
         big = int(min(rows_total, max(400, target / max(bytes_per_row, 1))))
         chunk = max(1, min(1000, big // 32))
         large = s.plan(chunk, big)

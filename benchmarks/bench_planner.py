@@ -14,10 +14,10 @@ Time is compared with the median wall time and with the run's own time: the best
 the smaller of wall and CPU time. On a shared machine other programs' load stretches wall time (and, on
 shared cores, CPU time too); the calibration measures the run's own time the same way.
 
-Runs that first-touch a lot of memory (predicted >= 64 MiB) start after ``--settle`` seconds of quiet: memory
-another process freed a moment before is quick to touch again, and on a virtual machine that hands free pages
-back to its host (virtio-balloon free page reporting, as here) memory free longer costs 5-15x more to touch
-(0.3-0.6 GB/s against 4-7 GB/s). A user's run starts in the second state; back-to-back benchmark runs would
+Runs that first-touch a lot of memory (predicted >= 64 MiB, or a tenth of the predicted time) start after
+``--settle`` seconds of quiet: memory another process freed a moment before is quick to touch again, and on a
+virtual machine that hands free pages back to its host (virtio-balloon free page reporting, as here) memory
+free longer costs 10-20x more to touch (0.25-0.35 GB/s against 3-6 GB/s). A user's run starts in the second state; back-to-back benchmark runs would
 start in the first (the previous run's buffers were just freed) and run seconds faster than anyone sees.
 
 Usage::
@@ -115,7 +115,7 @@ def run_grid(
 ) -> list[dict[str, Any]]:
     """Calibrate on the inputs, then predict and measure every combination (median of ``repeat`` runs)."""
     import annbatch_nb as abn
-    from annbatch_nb.predict import _touched_bytes, calibrate, predict_memory, predict_time
+    from annbatch_nb.predict import _touch_seconds, _touched_bytes, calibrate, predict_memory, predict_time
 
     t0 = time.perf_counter()
     cal = calibrate(inputs)  # cached in the scratch $ANNBATCH_NB_CACHE: the machine's part is measured once
@@ -137,9 +137,10 @@ def run_grid(
                 "workers": workers,
             }
             ms = []
-            touched = _touched_bytes(p)
+            # first touch that matters: many bytes, or a tenth of the predicted run
+            cold = _touched_bytes(p) >= 64 << 20 or _touch_seconds(p, cal) >= 0.1 * tim.seconds
             for _ in range(repeat):
-                if touched >= 64 << 20:
+                if cold:
                     time.sleep(settle)
                 load = os.getloadavg()[0]
                 proc = subprocess.run(
