@@ -464,7 +464,6 @@ def _touch_seconds(plan: Plan, c: Calibration) -> float:
     whose chunks the engine decodes itself (``SourceInfo.x_direct``), copied into place by the decoding
     pool's threads; each encoding thread touches its own gather scratch.
     """
-    from .engine import encode_threads  # imported here: the engine imports this module
     from .sources import _ZarrChunks
 
     t = _dataset_table(plan)
@@ -474,12 +473,10 @@ def _touch_seconds(plan: Plan, c: Calibration) -> float:
         return _touched_bytes(plan) / c.fault_bytes_per_s
     it = plan.dtype.itemsize
     nnz = float(t["nnz"].max())
-    block = _gather_block(plan)
-    slots = float(_encode_slots(encode_threads(), max(nnz, 1.0), block))
     total = sum(float(i.raw_x_bytes) for i in plan.inputs)
     direct = sum(float(i.raw_x_bytes) for i in plan.inputs if i.x_direct) / max(total, 1.0)
     readers = (1.0 - direct) + direct / _ZarrChunks.n_threads()
-    scratch = slots * min(block, nnz) / max(slots, 1.0)  # one slot's worth: the slots fault side by side
+    scratch = min(_gather_block(plan), nnz)  # one slot's worth: the slots in use fault side by side
     return (nnz * readers + scratch) * (it + 4) / c.fault_bytes_per_s
 
 
@@ -1271,9 +1268,9 @@ def _calibrate_format(
     the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
     that work's priority, and the second pass writes the datasets: the many-input one three times (the
     median kept), the one-input one, and the large one twice (the better kept; the per-byte cost is the
-    difference of the large and the many-input one).
-    Unless the first pass took over twice the budget: then it finishes the samples once. The decode and call
-    probes run in both passes, the faster kept: competing for the cores only slows them.
+    difference of the large and the many-input one). Unless the first pass took over twice the budget: then
+    it finishes the samples once. The decode and call probes run in both passes, the faster kept: competing
+    for the cores only slows them.
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)

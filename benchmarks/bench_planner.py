@@ -17,8 +17,9 @@ shared cores, CPU time too); the calibration measures the run's own time the sam
 Runs that first-touch a lot of memory (predicted >= 64 MiB, or a tenth of the predicted time) start after
 ``--settle`` seconds of quiet: memory another process freed a moment before is quick to touch again, and on a
 virtual machine that hands free pages back to its host (virtio-balloon free page reporting, as here) memory
-free longer costs 10-20x more to touch (0.25-0.35 GB/s against 3-6 GB/s). A user's run starts in the second state; back-to-back benchmark runs would
-start in the first (the previous run's buffers were just freed) and run seconds faster than anyone sees.
+free longer costs 10-20x more to touch (0.25-0.35 GB/s against 3-6 GB/s). A user's run starts in the second
+state; back-to-back benchmark runs would start in the first (the previous run's buffers were just freed) and
+run seconds faster than anyone sees.
 
 Usage::
 

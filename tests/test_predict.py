@@ -461,3 +461,24 @@ def test_first_touch_of_a_directly_decoded_input_is_shared_by_the_decoding_threa
     assert _touch_seconds(build_plan([direct], params, CAL), CAL) == pytest.approx(
         (10_000 * 8 / 4 + 10_000 * 8) / 1e7
     )
+
+
+def test_first_touch_probe_keeps_the_slow_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    from annbatch_nb import predict
+
+    def timed(seconds: list[float]) -> list[float]:
+        left = list(seconds)
+        monkeypatch.setattr(predict, "_busy_seconds", lambda start: left.pop(0))
+        return left
+
+    mib = 1 << 20
+    # recently freed pages first (0.01 s per MiB piece), then the slow kind (0.1, 0.12, 0.1 s)
+    left = timed([0.01] * 5 + [0.1, 0.12, 0.1])
+    rate = predict._fault_rate(total=8 * mib, piece=mib, most=16 * mib, slow=50 * mib)
+    assert rate == pytest.approx(mib / 0.1) and not left
+    # every piece quick: more are touched, up to ``most``, and their rate is kept
+    left = timed([0.01] * 16 + [1.0])
+    assert predict._fault_rate(total=8 * mib, piece=mib, most=16 * mib, slow=50 * mib) == pytest.approx(
+        mib / 0.01
+    )
+    assert left == [1.0]
