@@ -561,6 +561,13 @@ def _build_obs(
 
 #: Elements gathered per step when streaming a CSR dataset out (a few MB of scratch per thread).
 _GATHER_ELEMS = 1 << 21
+
+
+def _gather_block(chunk: int) -> int:
+    """Entries per encoding task of a CSR dataset: about :data:`_GATHER_ELEMS`, whole inner chunks."""
+    return max(chunk, (_GATHER_ELEMS // chunk) * chunk)
+
+
 #: Blocks (gather + compress tasks) in flight per encoding thread: enough to keep every thread busy, few
 #: enough that the compressed results waiting their turn stay small.
 _BLOCKS_IN_FLIGHT = 2
@@ -650,7 +657,7 @@ def _write_csr_x(
     nnz = int(out_indptr[-1])
     n_rows = len(perm)
     perm = perm.astype(buf.indptr.dtype, copy=False)
-    block = max(chunk, (_GATHER_ELEMS // chunk) * chunk)
+    block = _gather_block(chunk)
     max_row = int(np.diff(buf.indptr).max()) if n_rows else 0
     n_threads = encode_threads() if executor is not None else 1
     slots = _Slots(n_threads)
@@ -790,8 +797,7 @@ def reserve_buffers(plan: Plan, k: int, sources: list[Source], pool: BufferPool)
         pool.get("data", capacity, plan.dtype)
         pool.get("indices", capacity, idx_dtype)
         pool.get("indptr", n_rows + 1, idx_dtype)
-        chunk = plan.x_chunk_elems
-        block = max(chunk, (_GATHER_ELEMS // chunk) * chunk)
+        block = _gather_block(plan.x_chunk_elems)
         for slot in range(threads):
             pool.get(f"gather_data:{slot}", block + 2 * plan.n_vars, plan.dtype)
             pool.get(f"gather_indices:{slot}", block + 2 * plan.n_vars, idx_dtype)

@@ -466,3 +466,27 @@ def test_workers_must_be_positive(inputs, tmp_path: Path) -> None:
     with pytest.raises(abn.ParameterError, match="workers"):
         abn.plan([path], shuffle_chunk_size=10, dataset_size=20, seed=0).run(tmp_path / "o.zarr", workers=0)
     assert not (tmp_path / "o.zarr").exists()
+
+
+def test_reserved_buffers_are_the_ones_a_dataset_then_uses(mixed, tmp_path: Path) -> None:
+    from annbatch_nb.collection import open_output, release_lock
+    from annbatch_nb.engine import BufferPool, _close_all, _open_for_plan, reserve_buffers, write_dataset
+
+    csr = [p for p in mixed.inputs if not p.endswith("c.zarr")]  # the sparse inputs (c.zarr is dense)
+    p = abn.plan(csr, **mixed.kwargs)
+    sources = _open_for_plan(p)
+    try:
+        pool = BufferPool()
+        touched = reserve_buffers(p, 0, sources, pool)
+        held = dict(pool._arrays)
+        assert {"data", "indices", "indptr", "gather_data:0", "gather_indices:0"} <= held.keys()
+        assert touched == sum(a.nbytes for a in held.values()) > 0
+        assert all(not a.any() for a in held.values())  # every page written
+        state = open_output(tmp_path / "out.zarr", p)
+        try:
+            write_dataset(p, 0, sources, state.root, pool=pool)
+        finally:
+            release_lock(state.lock)
+    finally:
+        _close_all(sources)
+    assert all(pool._arrays[k] is a for k, a in held.items())  # none grown: the dataset used those
