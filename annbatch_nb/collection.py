@@ -21,9 +21,7 @@ import os
 import re
 import shutil
 import socket
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +32,10 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.storage import MemoryStore
 
 from . import __version__
 from .errors import OutputError
+from .frames import write_frames
 from .stores import (
     S3URL,
     describe_store_error,
@@ -709,79 +707,8 @@ class DatasetWriter:
             )
 
     def write_frames(self, obs: pd.DataFrame) -> None:
-        """Write obs, var and the empty AnnData elements.
-
-        anndata writes element by element, each a few zarr metadata and chunk writes: they are written to
-        memory first and then stored with concurrent writes (on an object store, one request after another
-        would cost a round trip each; locally, zarr's per-call overhead halves). var and the empty elements
-        are the same in every dataset of a plan: they are encoded once per process and copied.
-        """
-        store, path = self.group.store_path.store, self.group.store_path.path
-        staging = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-        with ad.settings.override(remove_unused_categories=False):
-            ad.io.write_elem(staging, "obs", obs)
-        copy_tree(staging.store_path.store, store, path, skip_root=True)
-        copy_tree(_constant_frames(self.plan), store, path, skip_root=True)
-
-
-#: var and the empty elements of recent plans, encoded (see :meth:`DatasetWriter.write_frames`); the last
-#: :data:`_CONSTANT_FRAMES_KEPT` plans' (calibration's samples alternate between three plans).
-_CONSTANT_FRAMES: OrderedDict[str, Any] = OrderedDict()
-_CONSTANT_FRAMES_KEPT = 4
-_CONSTANT_FRAMES_LOCK = threading.Lock()
-
-
-def _constant_frames(plan: Plan) -> Any:
-    """A memory store holding a dataset's var and empty ``uns``, ``obsm``, ... groups for ``plan``."""
-    key = plan.fingerprint
-    with _CONSTANT_FRAMES_LOCK:
-        if key in _CONSTANT_FRAMES:
-            return _CONSTANT_FRAMES[key]
-    group = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-    ad.io.write_elem(group, "var", pd.DataFrame(index=plan.var_names.copy()))
-    for name in ("uns", "obsm", "varm", "obsp", "varp", "layers"):
-        ad.io.write_elem(group, name, {})
-    with _CONSTANT_FRAMES_LOCK:
-        _CONSTANT_FRAMES[key] = group.store_path.store
-        while len(_CONSTANT_FRAMES) > _CONSTANT_FRAMES_KEPT:
-            _CONSTANT_FRAMES.popitem(last=False)
-    return group.store_path.store
-
-
-def copy_tree(src: Any, dst: Any, prefix: str, *, skip_root: bool = False, concurrency: int = 32) -> None:
-    """Copy every key of zarr store ``src`` to ``dst`` under ``prefix``, with concurrent writes.
-
-    Parameters
-    ----------
-    src, dst
-        zarr stores.
-    prefix
-        Key prefix in ``dst`` (a group path; empty for the root).
-    skip_root
-        Leave out ``src``'s root ``zarr.json`` (the group already exists in ``dst``).
-    concurrency
-        Writes in flight at once.
-    """
-    import asyncio
-
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    async def run() -> None:
-        keys = [k async for k in src.list()]
-        if skip_root:
-            keys = [k for k in keys if k != "zarr.json"]
-        limit = asyncio.Semaphore(concurrency)
-
-        async def one(key: str) -> None:
-            async with limit:
-                buf = await src.get(key, prototype=default_buffer_prototype())
-                if buf is not None:
-                    await dst.set(f"{prefix}/{key}" if prefix else key, buf)
-
-        await asyncio.gather(*(one(k) for k in keys))
-
-    sync(run())
+        """Write obs, var and the empty AnnData elements (see :func:`annbatch_nb.frames.write_frames`)."""
+        write_frames(self.group.store_path.store, self.group.store_path.path, self.plan, obs)
 
 
 # --------------------------------------------------------------------------------------------------

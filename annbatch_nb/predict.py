@@ -829,7 +829,7 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
 #: Seconds per run besides the first dataset's one-time costs: output opened and locked, manifest, commit.
 _RUN_S = 0.05
 #: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 
 
 def _vm_kib(field_name: str) -> int | None:
