@@ -19,7 +19,8 @@ Runs that first-touch a lot of memory (predicted >= 64 MiB, or a tenth of the pr
 virtual machine that hands free pages back to its host (virtio-balloon free page reporting, as here) memory
 free longer costs 10-20x more to touch (0.25-0.35 GB/s against 3-6 GB/s). A user's run starts in the second
 state; back-to-back benchmark runs would start in the first (the previous run's buffers were just freed) and
-run seconds faster than anyone sees.
+run seconds faster than anyone sees. Runs predicted under half a second are timed at least five times: one
+start to the next moves them by up to 1.8x (whether their first pages come quick or slow).
 
 Usage::
 
@@ -46,6 +47,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+#: Runs predicted under SHORT_S seconds are timed SHORT_REPEAT times at least (see run_grid).
+SHORT_S, SHORT_REPEAT = 0.5, 5
 sys.path.insert(0, str(HERE))
 
 # The peak is the process's own VmHWM (ru_maxrss would report the benchmark's own peak: a child inherits it).
@@ -140,7 +143,9 @@ def run_grid(
             ms = []
             # first touch that matters: many bytes, or a tenth of the predicted run
             cold = _touched_bytes(p) >= 64 << 20 or _touch_seconds(p, cal) >= 0.1 * tim.seconds
-            for _ in range(repeat):
+            # a run under half a second moves by a factor of up to 1.8 from one start to the next (whether its
+            # first pages come quick, recently freed, or slow): its median needs more starts
+            for _ in range(repeat if tim.seconds >= SHORT_S else max(repeat, SHORT_REPEAT)):
                 if cold:
                     time.sleep(settle)
                 load = os.getloadavg()[0]
