@@ -21,7 +21,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1069,6 +1069,20 @@ class _Trial:
     decoded: float = 0.0
 
 
+def _repeated(write: Callable[[], _Trial], *, least: int, most: int, within_s: float) -> list[_Trial]:
+    """``least`` writes of a sample, and more up to ``most`` while they have taken under ``within_s`` seconds.
+
+    Quick samples (small inputs: tens of ms) are the noisiest relative to the runs they predict, and cost
+    little to repeat; on inputs with tens of thousands of genes each takes ~0.1 s and calibrate's budget
+    has no room for more.
+    """
+    start = time.perf_counter()
+    trials = [write() for _ in range(least)]
+    while len(trials) < most and time.perf_counter() - start < within_s:
+        trials.append(write())
+    return trials
+
+
 def _median_trial(trials: list[_Trial]) -> _Trial:
     """Writes of one sample as one: the write of the median time (typical; one outlier does not move it)."""
     return sorted(trials, key=lambda t: t.seconds)[len(trials) // 2]
@@ -1278,8 +1292,9 @@ def _calibrate_format(
     A generator: the first pass runs beside other work (the fresh process of :func:`calibrate`) and pauses;
     it writes the many-input dataset (paying one-time costs), grows and first-touches the engine's buffers to
     the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
-    that work's priority, and the second pass writes the datasets: the many-input one five times and the
-    one-input one three times (the medians kept), and the large one twice (the better kept; the per-byte
+    that work's priority, and the second pass writes the datasets: the many-input one three to five times and
+    the one-input one up to three times (the medians kept; more of them when they are quick, see
+    :func:`_repeated`), and the large one twice (the better kept; the per-byte
     cost is the difference of the large and the many-input one). Unless the first pass took over twice the
     budget: then it finishes the samples once. The decode and call probes run in both passes, the faster
     kept: competing for the cores only slows them.
@@ -1312,12 +1327,12 @@ def _calibrate_format(
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
             # CPU time misses the engine's waits and wall time counts the other process's work); the per-byte
-            # cost is the difference of the large one and the many-input one: the median of five of the
-            # latter and of three of the one-input one (a real dataset's fixed costs are typical ones, not
-            # the best; the mean of two was moved by one slow write), the better of two of the large one
-            # (one hiccup in it would skew every prediction)
-            t_many = _median_trial([s.run(many) for _ in range(5)])
-            t_one = _median_trial([s.run(one) for _ in range(3)])
+            # cost is the difference of the large one and the many-input one: the median of three to five of
+            # the latter and of up to three of the one-input one (a real dataset's fixed costs are typical
+            # ones, not the best; the mean of two was moved by one slow write), the better of two of the
+            # large one (one hiccup in it would skew every prediction)
+            t_many = _median_trial(_repeated(lambda: s.run(many), least=3, most=5, within_s=0.4))
+            t_one = _median_trial(_repeated(lambda: s.run(one), least=1, most=3, within_s=0.2))
             on_disk = s.run(large, disk=True)
             t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
             decode_rate = max(decode_rate, s.measure_decode())
