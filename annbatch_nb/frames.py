@@ -157,8 +157,8 @@ def encode_frame(key: str, df: pd.DataFrame) -> list[_Node] | None:
 async def _write_nodes(store: Any, prefix: str, nodes: list[_Node], limit: asyncio.Semaphore) -> None:
     """Create ``nodes`` under ``prefix`` of ``store`` with anndata's arguments, and fill the arrays.
 
-    Groups go first: creating an array also writes an empty document for any parent group not there yet, and
-    that must not race with the group's own document and its attributes.
+    Groups go first, parents before children: creating a node also writes an empty document for any parent
+    group not there yet, and that must not race with the group's own document and its attributes.
     """
     from zarr.api.asynchronous import create_array, create_group
     from zarr.core.dtype import VariableLengthUTF8
@@ -191,7 +191,9 @@ async def _write_nodes(store: Any, prefix: str, nodes: list[_Node], limit: async
             if n.values.size:
                 await a.setitem(slice(None), n.values)
 
-    await asyncio.gather(*(group(n) for n in nodes if n.values is None))
+    groups = [n for n in nodes if n.values is None]
+    for depth in sorted({n.key.count("/") for n in groups}):
+        await asyncio.gather(*(group(n) for n in groups if n.key.count("/") == depth))
     await asyncio.gather(*(array(n) for n in nodes if n.values is not None))
 
 

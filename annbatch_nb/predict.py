@@ -667,9 +667,9 @@ def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) 
 def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
     """Opening every input and reading each CSR input's row pointers (once per process), touching buffers.
 
-    The buffers are first touched by the process's first dataset, whose obs is read and written on a helper
-    thread meanwhile (``engine.write_dataset``): up to a dataset's fixed costs (``dataset_s`` and
-    ``dataset_input_s`` per input read, the typical dataset's), the touch is hidden.
+    The first touch is not hidden behind the first dataset's obs, although those are written on a helper
+    thread meanwhile: the dataset's X is read and written on the critical path, and the touch lengthens
+    that (the first dataset's X read takes 0.04-0.07 s more than the next ones', for 16-40 MiB of buffers).
     """
     opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     indptr = sum(
@@ -677,14 +677,7 @@ def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
         for i in plan.inputs
         if i.x_kind == "csr"
     )
-    t = _dataset_table(plan)
-    fixed = c.dataset_s + sum(
-        v * c.per_format("dataset_input_s", key[len("inputs_") :])
-        for key, v in t.items()
-        if key.startswith("inputs_")
-    )
-    hidden = float(np.median(fixed)) if len(t["rows"]) else 0.0
-    return opens + indptr + max(_touch_seconds(plan, c) - hidden, 0.0)
+    return opens + indptr + _touch_seconds(plan, c)
 
 
 def _serial_seconds(plan: Plan, c: Calibration) -> float:
@@ -1083,9 +1076,14 @@ def _repeated(write: Callable[[], _Trial], *, least: int, most: int, within_s: f
     return trials
 
 
-def _median_trial(trials: list[_Trial]) -> _Trial:
-    """Writes of one sample as one: the write of the median time (typical; one outlier does not move it)."""
-    return sorted(trials, key=lambda t: t.seconds)[len(trials) // 2]
+def _mean_trial(trials: list[_Trial]) -> _Trial:
+    """Writes of one sample as one, of their mean time.
+
+    A small dataset's time is skewed: most writes are typical, and some pay a few ms-long stalls (threads
+    waiting for the GIL or for zarr's event loop, a garbage collection). A run's datasets pay them as often,
+    so their mean is what a run pays per dataset: over 15 writes, 10 % more than the median.
+    """
+    return replace(trials[0], seconds=float(np.mean([t.seconds for t in trials])))
 
 
 def _call_seconds(probe: _Trial, x_bytes_per_s: float, decode_bytes_per_s: float) -> float:
@@ -1293,9 +1291,9 @@ def _calibrate_format(
     it writes the many-input dataset (paying one-time costs), grows and first-touches the engine's buffers to
     the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
     that work's priority, and the second pass writes the datasets: the many-input one three to five times and
-    the one-input one up to three times (the medians kept; more of them when they are quick, see
-    :func:`_repeated`), and the large one twice (the better kept; the per-byte
-    cost is the difference of the large and the many-input one). Unless the first pass took over twice the
+    the one-input one up to three times (their means kept, :func:`_mean_trial`; more of them when they are
+    quick, see :func:`_repeated`), and the large one twice (the better kept; the per-byte cost is the
+    difference of the large and the many-input one). Unless the first pass took over twice the
     budget: then it finishes the samples once. The decode and call probes run in both passes, the faster
     kept: competing for the cores only slows them.
     """
@@ -1327,12 +1325,12 @@ def _calibrate_format(
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
             # CPU time misses the engine's waits and wall time counts the other process's work); the per-byte
-            # cost is the difference of the large one and the many-input one: the median of three to five of
-            # the latter and of up to three of the one-input one (a real dataset's fixed costs are typical
-            # ones, not the best; the mean of two was moved by one slow write), the better of two of the
-            # large one (one hiccup in it would skew every prediction)
-            t_many = _median_trial(_repeated(lambda: s.run(many), least=3, most=5, within_s=0.4))
-            t_one = _median_trial(_repeated(lambda: s.run(one), least=1, most=3, within_s=0.2))
+            # cost is the difference of the large one and the many-input one: the mean of three to five of
+            # the latter and of up to three of the one-input one (a real dataset's fixed costs are what
+            # datasets pay on average, not the best), the better of two of the large one (one hiccup in it
+            # would skew every prediction)
+            t_many = _mean_trial(_repeated(lambda: s.run(many), least=3, most=5, within_s=0.4))
+            t_one = _mean_trial(_repeated(lambda: s.run(one), least=1, most=3, within_s=0.2))
             on_disk = s.run(large, disk=True)
             t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
             decode_rate = max(decode_rate, s.measure_decode())
