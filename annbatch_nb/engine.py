@@ -854,8 +854,8 @@ def write_dataset(
     n_threads = encode_threads()
     executor = ThreadPoolExecutor(n_threads, thread_name_prefix=f"annbatch-nb-{k}") if n_threads > 1 else None
     try:
-        # obs (read, assembled, permuted) and the dataset's group with obs/var are written on a helper thread
-        # while X is read: anndata's writer is mostly Python, the X reads mostly release the GIL
+        # obs (read, assembled, permuted) and the dataset's obs/var are written on a helper thread while X is
+        # read (frames.write_frames: mostly Python and zarr's event loop; the X reads mostly release the GIL)
         writer = DatasetWriter(root, k, plan, n_rows, nnz=None)
         frames: Future[None] | None = None
         if executor is None:
