@@ -275,9 +275,7 @@ def write_frames(store: Any, prefix: str, plan: Plan, obs: pd.DataFrame) -> None
     staged = None
     if nodes is None:
         staging = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
-        # every dataset keeps each categorical's full category list (annbatch's Loader expects one schema)
-        with ad.settings.override(remove_unused_categories=False):
-            ad.io.write_elem(staging, "obs", obs)
+        ad.io.write_elem(staging, "obs", obs)  # categories are written as they are, used or not
         staged = staging.store_path.store
 
     async def run() -> None:

@@ -50,8 +50,6 @@ __all__ = [
     "run_memory",
 ]
 
-#: Elements the engine gathers per step (mirrors ``engine._GATHER_ELEMS``).
-GATHER_ELEMS = 1 << 21
 #: zarr's decode buffers while reading an input (several compressed chunks fetched and decoded at once): an
 #: estimate from measured peaks (zarr inputs' peaks were 20-40 MB above h5ad inputs' of the same data).
 ZARR_READ_BYTES = 20_000_000
@@ -395,9 +393,9 @@ def dataset_memory(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -
     - CSR read buffer (``BufferPool`` ``data``/``indices``/``indptr``): ``nnz * (it + 4) + (rows + 1) * 4``;
       dense: ``rows * n_vars * it``.
     - gather scratch (``gather_data:<slot>``/``gather_indices:<slot>``), one set per encoding thread
-      (:func:`~annbatch_nb.engine.encode_threads`) that gets a block to encode (blocks of ``GATHER_ELEMS``
-      entries, whole output chunks): the touched part, ``min(block, nnz)`` plus two of the longest rows,
-      ``* (it + 4)``; dense: one zarr chunk of rows per thread.
+      (:func:`~annbatch_nb.engine.encode_threads`) that gets a block to encode (blocks of about 2M entries,
+      whole output chunks, :func:`_gather_block`): the touched part, ``min(block, nnz)`` plus two of the
+      longest rows, ``* (it + 4)``; dense: one zarr chunk of rows per thread.
     - one shard's compressed chunks, held until the shard is stored (no joined copy; the blocks in flight are
       the shard's own): ``shard entries * (it + index itemsize) * ratio``.
     - obs: three row-sized copies of the columns (pieces, frame, permuted frame) and the names' pointers.
@@ -486,9 +484,10 @@ def _encode_slots(threads: int, nnz: Any, block: int) -> Any:
 
 
 def _gather_block(plan: Plan) -> int:
-    """Entries per encoding task of a CSR dataset (mirrors ``engine._write_csr_x``: whole output chunks)."""
-    chunk = plan.x_chunk_elems
-    return max(chunk, (GATHER_ELEMS // chunk) * chunk)
+    """Entries per encoding task of a CSR dataset (the engine's rule, ``engine._gather_block``)."""
+    from .engine import _gather_block as engine_block  # imported here: the engine imports this module
+
+    return engine_block(plan.x_chunk_elems)
 
 
 def _shard_elems(plan: Plan) -> int:
@@ -585,7 +584,7 @@ def rows_for_memory(
     base = calibration.baseline_rss_bytes + run_memory(p, calibration)
     it = p.dtype.itemsize
     per_row = _obs_row_bytes(p) * 3 + 8 + 40
-    if p.x_kind == "csr":  # as dataset_memory, for a dataset of more than GATHER_ELEMS entries
+    if p.x_kind == "csr":  # as dataset_memory, for a dataset of more than one gather block
         nnz_row = p.mean_nnz_per_row
         entry = (it + p.index_dtype.itemsize) * calibration.compression_ratio
         per_row += nnz_row * (it + 4) + 4
