@@ -45,6 +45,7 @@ CAL = Calibration(
     dataset_input_s={"h5ad": 0.1, "zarr": 0.2},
     input_open_s={"h5ad": 0.01, "zarr": 0.05},
     run_s=0.2,
+    first_dataset_s=0.01,
     fault_bytes_per_s=1e7,
     compression_ratio=0.5,
     process_start_s=2.0,
@@ -92,6 +93,20 @@ def test_time_and_size_models_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert p.seconds == t.seconds == t.serial_seconds == pytest.approx(t.x + t.calls + t.obs + t.overhead)
     assert p.seconds == pytest.approx(1.924016)
     assert p.output_bytes == int(10_000 * 5 * 0.5 + 1001 * 8 * 0.5 + 1000 * 8 * 0.5)
+    # the first dataset's one-time costs are paid while its buffers are first touched: the larger counts
+    slow_start = dataclasses.replace(CAL, first_dataset_s=0.05)
+    later = build_plan(_one_input(), p.params, slow_start).time
+    assert later.overhead == pytest.approx(0.2 + opened + 0.05 + 0.5 + 0.1)
+    assert later.seconds - t.seconds == pytest.approx(0.05 - touched)
+
+
+def test_tiny_run_costs() -> None:
+    from annbatch_nb.predict import _tiny_run_costs
+
+    # 0.30 s run of two datasets, 0.12 s and 0.10 s: 0.08 s besides them, the first 0.02 s more
+    assert _tiny_run_costs(0.30, [0.12, 0.10]) == pytest.approx({"run_s": 0.08, "first_dataset_s": 0.02})
+    assert _tiny_run_costs(0.20, [0.09, 0.12]) == pytest.approx({"run_s": 0.0, "first_dataset_s": 0.0})
+    assert _tiny_run_costs(0.30, [0.1]) == {}  # not the two-dataset run: keep the reference values
 
 
 def test_read_calls_count_ranges_times_arrays() -> None:
