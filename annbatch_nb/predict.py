@@ -674,9 +674,10 @@ def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
     The first touch is not hidden behind the first dataset's obs, although those are written on a helper
     thread meanwhile: the dataset's X is read and written on the critical path, and the touch lengthens
     that (the first dataset's X read takes 0.04-0.07 s more than the next ones', for 16-40 MiB of buffers).
-    The one-time costs (``first_dataset_s``) are paid meanwhile, mostly on the helper thread. Measured here:
-    the first dataset took 0.03-0.05 s more than the next when writing 20 MiB of dense X (one-time costs
-    of 0.02-0.05 s), and 0.12 s more when writing 40 MiB (its first touch at the slow rate).
+    The one-time costs (``first_dataset_s``, 0.003-0.023 s in calibrate's tiny runs here) are paid
+    meanwhile, mostly on the helper thread. Measured here: a first dataset of 20 MiB of dense X took
+    0.03-0.05 s more than the same dataset written again in the same process (most of its pages quick to
+    touch, see ``benchmarks/README.md``), one of 40 MiB 0.12 s more than the next (the slow rate).
     """
     opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     indptr = sum(
