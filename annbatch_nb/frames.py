@@ -18,7 +18,7 @@ import contextlib
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 if TYPE_CHECKING:
@@ -37,22 +39,10 @@ __all__ = ["encode_frame", "write_frames"]
 _CONCURRENCY = 32
 
 
-def _sync(coro: Coroutine[Any, Any, Any]) -> Any:
-    from zarr.core.sync import sync
-
-    return sync(coro)
-
-
-def _prototype() -> Any:
-    from zarr.core.buffer import default_buffer_prototype
-
-    return default_buffer_prototype()
-
-
 async def _copy_keys(src: Any, dst: Any, prefix: str, keys: list[str], limit: asyncio.Semaphore) -> None:
     async def one(key: str) -> None:
         async with limit:
-            buf = await src.get(key, prototype=_prototype())
+            buf = await src.get(key, prototype=default_buffer_prototype())
             if buf is not None:
                 await dst.set(f"{prefix}/{key}" if prefix else key, buf)
 
@@ -244,7 +234,7 @@ def _constant_frames(plan: Plan) -> Any:
         await _write_nodes(store, "", nodes, asyncio.Semaphore(_CONCURRENCY))
 
     with _as_anndata():
-        _sync(run())
+        sync(run())
     with _CONSTANT_FRAMES_LOCK:
         _CONSTANT_FRAMES[key] = store
         while len(_CONSTANT_FRAMES) > _CONSTANT_FRAMES_KEPT:
@@ -286,4 +276,4 @@ def write_frames(store: Any, prefix: str, plan: Plan, obs: pd.DataFrame) -> None
         await asyncio.gather(*copies, _write_nodes(store, prefix, nodes or [], limit))
 
     with _as_anndata():
-        _sync(run())
+        sync(run())
