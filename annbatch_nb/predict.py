@@ -91,8 +91,7 @@ class Calibration:
         Fixed cost per run: output opened and locked, manifest, commit.
     first_dataset_s
         One-time costs of a process's first dataset (code run for the first time: zarr's array and group
-        creation, codecs, thread pools). Paid while the first dataset's X path first touches the engine's
-        buffers: a process pays the larger of the two.
+        creation, codecs, thread pools), paid after its X is read into the freshly touched buffers.
     fault_bytes_per_s
         First touch of freshly allocated memory (page faults), paid once per run for the reused buffers.
     quick_touch_bytes
@@ -189,19 +188,70 @@ def rate_key(info: SourceInfo) -> str:
 # --------------------------------------------------------------------------------------------------
 # Per-dataset quantities from the plan (no I/O)
 # --------------------------------------------------------------------------------------------------
-def _arrays_per_range(info: SourceInfo) -> int:
-    """Arrays the engine reads once per contiguous row range of ``info``: X's, then each obs column's."""
-    n = 2 if info.x_kind == "csr" else 1
+def _obs_read_gaps(info: SourceInfo) -> list[int]:
+    """The obs arrays the engine reads from ``info`` per contiguous row range: each one's merge gap.
+
+    The gap is the engine's (``sources.obs_merge_gap``): ranges of a numeric array of a ``.h5ad`` read with
+    h5py that lie within it of each other are read as one span, one call; 0 means one call per range. A
+    categorical's codes are assumed of pandas' smallest integer type for its number of categories.
+    """
+    from .sources import obs_merge_gap
+
+    merge = rate_key(info) == "h5ad"
+    gaps: list[int] = []
     for spec in info.obs_columns.values():
-        n += 2 if spec.kind in ("nullable-integer", "nullable-boolean") else 1
-    return n
+        if spec.kind == "categorical":
+            n = len(spec.categories or ())
+            dtypes = ["i1" if n < 2**7 else "i2" if n < 2**15 else "i4"]
+        elif spec.kind == "nullable-integer":
+            dtypes = [spec.dtype, "?"]
+        elif spec.kind == "nullable-boolean":
+            dtypes = ["?", "?"]
+        elif spec.kind in ("numeric", "bool"):
+            dtypes = [spec.dtype]
+        else:
+            dtypes = ["O"]
+        for dt in dtypes:
+            try:
+                gaps.append(obs_merge_gap(dt) if merge else 0)
+            except TypeError:  # not a numpy dtype string: read per range
+                gaps.append(0)
+    return gaps
+
+
+def _range_calls(
+    infos: list[SourceInfo],
+    range_input: np.ndarray,
+    range_lo: np.ndarray,
+    range_hi: np.ndarray,
+    first: np.ndarray,
+) -> np.ndarray:
+    """Read calls of each contiguous row range, the ranges of a dataset's input sorted (``first``: its first).
+
+    X's arrays are read once per range; an obs array once per range, or once per span of ranges within its
+    merge gap (:func:`_obs_read_gaps`).
+    """
+    calls = np.array([2.0 if i.x_kind == "csr" else 1.0 for i in infos])[range_input]
+    gap_before = np.full(len(range_lo), np.inf)
+    gap_before[1:] = (range_lo[1:] - range_hi[:-1]).astype(np.float64)
+    gap_before[first] = np.inf
+    signatures: dict[tuple[int, ...], list[int]] = {}
+    for j, info in enumerate(infos):
+        signatures.setdefault(tuple(_obs_read_gaps(info)), []).append(j)
+    for gaps, members in signatures.items():
+        if not gaps:
+            continue
+        sel = np.isin(range_input, members)
+        g = gap_before[sel]
+        calls[sel] += sum((g > gap) if gap else np.ones(len(g)) for gap in gaps)
+    return calls
 
 
 def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     """Per dataset: rows, estimated entries, inputs read, and per input format the raw X bytes and read calls.
 
     Read calls count each contiguous row range of one input (runs that touch coalesce) once per array read
-    from it (see :func:`_arrays_per_range`).
+    from it, or an obs array once per span of nearby ranges (see :func:`_range_calls`).
     """
     if "dataset_table" in plan._cache:
         return plan._cache["dataset_table"]
@@ -210,7 +260,6 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     infos = plan.inputs
     nnz_per_row = np.array([i.nnz / max(i.n_obs, 1) for i in infos])
     bytes_per_row = np.array([i.raw_x_bytes / max(i.n_obs, 1) for i in infos])
-    arrays = np.array([_arrays_per_range(i) for i in infos], dtype=np.float64)
     k = plan.run_dataset
     kd = plan.n_datasets
     nnz = np.bincount(k, weights=lengths * nnz_per_row[runs[:, 0]], minlength=kd)
@@ -236,8 +285,6 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         table[f"inputs_{fmt}"] = np.bincount(ks[new_input & (formats[r[:, 0]] == fmt)], minlength=kd).astype(
             np.float64
         )
-        hit = new_range & (formats[r[:, 0]] == fmt)
-        table[f"calls_{fmt}"] = np.bincount(ks[hit], weights=arrays[r[hit, 0]], minlength=kd)
     # largest contiguous range read from an input whose reader returns a new array (zarr-python, virtual
     # h5ad), which the engine then copies into its buffer: a temporary of the range's data and indices, plus
     # zarr's decode buffers. Where the engine decodes X's chunks itself (``x_direct``), only the chunks being
@@ -260,9 +307,12 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
     range_lo = r[new_range, 1]
     range_ds = ks[new_range]
     extra = _extra_decoded_bytes(infos, range_ds, range_input, range_lo, range_lo + range_rows)
+    first = new_input[new_range]
+    calls = _range_calls(infos, range_input, range_lo, range_lo + range_rows, first)
     for fmt in sorted(set(formats.tolist())):
         sel = formats[range_input] == fmt
         table[f"decode_{fmt}"] = np.bincount(range_ds[sel], weights=extra[sel], minlength=kd)
+        table[f"calls_{fmt}"] = np.bincount(range_ds[sel], weights=calls[sel], minlength=kd)
     range_bytes = range_rows * temp_row[r[new_range, 0]]
     table["read_temp"] = np.zeros(kd)
     np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
@@ -684,15 +734,12 @@ def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) 
 
 
 def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
-    """Once per process: inputs opened, CSR row pointers read, the larger of one-time costs and first touch.
+    """Once per process: inputs opened, CSR row pointers read, buffers first touched, one-time costs.
 
-    The first touch is not hidden behind the first dataset's obs, although those are written on a helper
-    thread meanwhile: the dataset's X is read and written on the critical path, and the touch lengthens
-    that (the first dataset's X read takes 0.04-0.07 s more than the next ones', for 16-40 MiB of buffers).
-    The one-time costs (``first_dataset_s``, 0.003-0.023 s in calibrate's tiny runs here) are paid
-    meanwhile, mostly on the helper thread. Measured here: a first dataset of 20 MiB of dense X took
-    0.03-0.05 s more than the same dataset written again in the same process (most of its pages quick to
-    touch, see ``benchmarks/README.md``), one of 40 MiB 0.12 s more than the next (the slow rate).
+    A dataset's X is read first (into the engine's buffers: their first touch lengthens the first dataset's
+    read, by 0.04-0.07 s for 16-40 MiB here), then written while its obs and var are written on a helper
+    thread; the one-time costs (``first_dataset_s``: creating zarr arrays and groups, codecs, thread pools
+    for the first time, 0.003-0.023 s in calibrate's tiny runs here) come after the read.
     """
     opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     indptr = sum(
@@ -700,7 +747,7 @@ def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
         for i in plan.inputs
         if i.x_kind == "csr"
     )
-    return opens + indptr + max(_touch_seconds(plan, c), c.first_dataset_s)
+    return opens + indptr + _touch_seconds(plan, c) + c.first_dataset_s
 
 
 def _serial_seconds(plan: Plan, c: Calibration) -> float:
@@ -778,10 +825,10 @@ def predict_time(
 ) -> TimePrediction:
     """Predict the wall time of executing ``plan`` on this machine.
 
-    One process: ``run_s + opens + max(first_dataset_s, buffers' first touch) + dataset seconds`` where a
+    One process: ``run_s + opens + buffers' first touch + first_dataset_s + dataset seconds`` where a
     dataset costs ``dataset_s + dataset_input_s * inputs + calls * read_call_s + rows / obs_rows_per_s +
     bytes / x_bytes_per_s``. With ``n`` workers: the parent's ``run_s + opens``, one process start (the
-    forkserver), each worker's opens and the larger of its one-time costs and first touch, and the datasets,
+    forkserver), each worker's opens, first touch and one-time costs, and the datasets,
     slowed by ``parallel_efficiency``, dealt in order to the first free worker.
 
     Parameters
@@ -1232,7 +1279,7 @@ class _Sampler:
             seconds=best,
             rows=float(m),
             bytes=m * info.raw_x_bytes / max(info.n_obs, 1),
-            calls=float(m * _arrays_per_range(info)),
+            calls=float(_range_calls([info], *_probe_ranges(m)).sum()),
             inputs=1.0,
             decoded=float(extra),
         )
@@ -1295,6 +1342,14 @@ def _one_row_runs(m: int) -> np.ndarray:
     """Rows 0, 2, 4, ... (``m`` of them) as runs of one row."""
     rows = np.arange(m, dtype=np.int64) * 2
     return np.stack([rows, rows + 1], axis=1)
+
+
+def _probe_ranges(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ranges of :func:`_one_row_runs` as :func:`_range_calls` takes them (one input, one dataset)."""
+    lo = _one_row_runs(m)[:, 0]
+    first = np.zeros(m, dtype=bool)
+    first[:1] = True
+    return np.zeros(m, dtype=np.int64), lo, lo + 1, first
 
 
 def _best_read_seconds(src: Any, runs: np.ndarray, *, obs: bool = False, times: int = 2) -> float:

@@ -211,3 +211,56 @@ def test_scan_reports_hdf5_compression(inputs) -> None:
     assert info.x_compression == "gzip" and info.x_chunk > 0 and not info.x_direct
     (virtual,) = abn.scan([str(path)], virtualize=True)  # read through a manifest: same storage facts
     assert (virtual.reader, virtual.x_compression, virtual.x_chunk) == ("virtual", "gzip", info.x_chunk)
+
+
+def test_h5ad_obs_ranges_close_together_are_read_as_one_span(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anndata as ad
+    import h5py
+
+    from annbatch_nb.sources import OBS_SPAN_BYTES, open_source
+
+    n = 20_000
+    rng = np.random.default_rng(0)
+    obs = pd.DataFrame(
+        {
+            "kind": pd.Categorical(rng.choice(["a", "b", "c"], n)),
+            "score": rng.normal(size=n),
+            "count": pd.array(rng.integers(0, 9, n), dtype="Int64"),
+            "label": [f"l{i}" for i in range(n)],
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+    path = tmp_path / "a.h5ad"
+    ad.AnnData(X=np.zeros((n, 2), dtype=np.float32), obs=obs).write_h5ad(path)
+    src = open_source(str(path))
+    gap = OBS_SPAN_BYTES // 8  # float64 "score" and Int64 "count" values pass through at most this many rows
+    runs = np.array([[0, 10], [20, 30], [30 + gap, 40 + gap], [60 + 3 * gap, 70 + 3 * gap]])
+    calls: list[tuple[str, int, int]] = []
+    getitem = h5py.Dataset.__getitem__
+
+    def counted(self: h5py.Dataset, key: object) -> object:
+        if isinstance(key, slice):
+            calls.append((self.name, key.start, key.stop))
+        return getitem(self, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", counted)
+    got = src.read_obs(runs)
+    rows = np.concatenate([np.arange(a, b) for a, b in runs])
+    np.testing.assert_array_equal(got["score"], obs["score"].to_numpy()[rows])
+    codes, cats = got["kind"]
+    assert list(pd.Categorical.from_codes(codes, categories=list(cats))) == list(obs["kind"].iloc[rows])
+    values, mask = got["count"]
+    np.testing.assert_array_equal(values[~mask.astype(bool)], obs["count"].to_numpy()[rows].astype(np.int64))
+    labels = got["label"][0] if isinstance(got["label"], tuple) else got["label"]  # (values, mask) or array
+    assert list(labels) == list(obs["label"].iloc[rows])
+    reads = {name: [(a, b) for nm, a, b in calls if nm == name] for name in {c[0] for c in calls}}
+    # float64 values: the first three ranges lie within the gap of each other, the fourth does not
+    assert reads["/obs/score"] == [(0, 40 + gap), (60 + 3 * gap, 70 + 3 * gap)]
+    assert reads["/obs/count/values"] == reads["/obs/score"]
+    # one-byte codes and mask pass through eight times as many rows: one span
+    assert reads["/obs/kind/codes"] == [(0, 70 + 3 * gap)]
+    assert reads["/obs/count/mask"] == [(0, 70 + 3 * gap)]
+    # strings are decoded one by one: read per range
+    assert len(reads.get("/obs/label/values", reads.get("/obs/label", []))) == len(runs)
