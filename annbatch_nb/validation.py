@@ -90,63 +90,69 @@ def _check_structure(root: zarr.Group, report: _Report) -> list[zarr.Group]:
         if missing:
             report.fail(f"{name} lacks {missing}")
             continue
-        var = pd.Index(ad.io.read_elem(g["var"]).index)
-        kind = _x_kind(g)
-        x = g["X"]
-        dtype = str(x.dtype if isinstance(x, zarr.Array) else x["data"].dtype)
-        if ref_var is None:
-            ref_var, ref_kind, ref_dtype = var, kind, dtype
-        else:
-            if not var.equals(ref_var):
-                report.fail(f"{name} has a different var than dataset_{numbers[0]}")
-            if kind != ref_kind:
-                report.fail(f"{name} X is {kind}, dataset_{numbers[0]} X is {ref_kind}")
-            if dtype != ref_dtype:
-                report.fail(f"{name} X dtype is {dtype}, dataset_{numbers[0]} has {ref_dtype}")
-        n_rows = _x_rows(g)
-        if kind == "csr":
-            shape = x.attrs.get("shape")
-            if list(shape)[1] != len(var):
-                report.fail(f"{name} X has {shape[1]} columns but var has {len(var)} genes")
-            indptr = x["indptr"][...]
-            nnz = int(x["data"].shape[0])
-            if (
-                len(indptr) != n_rows + 1
-                or indptr[0] != 0
-                or indptr[-1] != nnz
-                or np.any(np.diff(indptr) < 0)
-            ):
-                report.fail(f"{name} X/indptr is inconsistent with {n_rows} rows and {nnz} entries")
-            if int(x["indices"].shape[0]) != nnz:
-                report.fail(f"{name} X/indices and X/data differ in length")
-            elif nnz and int(x["indices"][...].max()) >= len(var):
-                report.fail(f"{name} X/indices has a column index >= n_vars")
-        elif kind == "dense":
-            if x.shape[1] != len(var):
-                report.fail(f"{name} X has {x.shape[1]} columns but var has {len(var)} genes")
-        else:
-            report.fail(f"{name} X has {kind} encoding")
-        with ad.settings.override(remove_unused_categories=False):
-            obs = ad.io.read_elem(g["obs"])
-        if len(obs) != n_rows:
-            report.fail(f"{name} obs has {len(obs)} rows, X has {n_rows}")
-        if ref_obs is None:
-            ref_obs = obs.dtypes
-            ref_cats = {
-                c: list(obs[c].cat.categories)
-                for c in obs.columns
-                if isinstance(obs[c].dtype, pd.CategoricalDtype)
-            }
-        else:
-            if list(obs.columns) != list(ref_obs.index) or any(
-                str(obs[c].dtype) != str(ref_obs[c]) for c in obs.columns if c in ref_obs.index
-            ):
-                report.fail(f"{name} obs columns or types differ from dataset_{numbers[0]}")
-            for c, cats in ref_cats.items():
-                if c in obs.columns and list(obs[c].cat.categories) != cats:
-                    report.fail(f"{name} obs column {c!r} has different categories than dataset_{numbers[0]}")
-        all_names.append(np.asarray(obs.index, dtype=object))
-        report.n_obs += n_rows
+        try:
+            var = pd.Index(ad.io.read_elem(g["var"]).index)
+            kind = _x_kind(g)
+            x = g["X"]
+            dtype = str(x.dtype if isinstance(x, zarr.Array) else x["data"].dtype)
+            if ref_var is None:
+                ref_var, ref_kind, ref_dtype = var, kind, dtype
+            else:
+                if not var.equals(ref_var):
+                    report.fail(f"{name} has a different var than dataset_{numbers[0]}")
+                if kind != ref_kind:
+                    report.fail(f"{name} X is {kind}, dataset_{numbers[0]} X is {ref_kind}")
+                if dtype != ref_dtype:
+                    report.fail(f"{name} X dtype is {dtype}, dataset_{numbers[0]} has {ref_dtype}")
+            n_rows = _x_rows(g)
+            if kind == "csr":
+                shape = x.attrs.get("shape")
+                if list(shape)[1] != len(var):
+                    report.fail(f"{name} X has {shape[1]} columns but var has {len(var)} genes")
+                indptr = x["indptr"][...]
+                nnz = int(x["data"].shape[0])
+                if (
+                    len(indptr) != n_rows + 1
+                    or indptr[0] != 0
+                    or indptr[-1] != nnz
+                    or np.any(np.diff(indptr) < 0)
+                ):
+                    report.fail(f"{name} X/indptr is inconsistent with {n_rows} rows and {nnz} entries")
+                if int(x["indices"].shape[0]) != nnz:
+                    report.fail(f"{name} X/indices and X/data differ in length")
+                elif nnz and int(x["indices"][...].max()) >= len(var):
+                    report.fail(f"{name} X/indices has a column index >= n_vars")
+            elif kind == "dense":
+                if x.shape[1] != len(var):
+                    report.fail(f"{name} X has {x.shape[1]} columns but var has {len(var)} genes")
+            else:
+                report.fail(f"{name} X has {kind} encoding")
+            with ad.settings.override(remove_unused_categories=False):
+                obs = ad.io.read_elem(g["obs"])
+            if len(obs) != n_rows:
+                report.fail(f"{name} obs has {len(obs)} rows, X has {n_rows}")
+            if ref_obs is None:
+                ref_obs = obs.dtypes
+                ref_cats = {
+                    c: list(obs[c].cat.categories)
+                    for c in obs.columns
+                    if isinstance(obs[c].dtype, pd.CategoricalDtype)
+                }
+            else:
+                if list(obs.columns) != list(ref_obs.index) or any(
+                    str(obs[c].dtype) != str(ref_obs[c]) for c in obs.columns if c in ref_obs.index
+                ):
+                    report.fail(f"{name} obs columns or types differ from dataset_{numbers[0]}")
+                for c, cats in ref_cats.items():
+                    if c in obs.columns and list(obs[c].cat.categories) != cats:
+                        report.fail(
+                            f"{name} obs column {c!r} has different categories than dataset_{numbers[0]}"
+                        )
+            all_names.append(np.asarray(obs.index, dtype=object))
+            report.n_obs += n_rows
+        except Exception as e:  # a dataset cut short (an interrupted run) or damaged: reported, not raised
+            first_line = str(e).splitlines()[0] if str(e) else ""
+            report.fail(f"{name} cannot be read ({type(e).__name__}: {first_line})")
     if ref_var is not None:
         report.n_vars = len(ref_var)
         report.x_kind = str(ref_kind)

@@ -63,6 +63,12 @@ def swap_obs_value(out: Path) -> None:
     codes[0] = (int(codes[0]) + 1) % 5
 
 
+def blank_categories(out: Path) -> None:
+    # what a run killed while it wrote a dataset's obs can leave: an array created, its values not yet written
+    cats = zarr.open_array(str(out / "dataset_1" / "obs" / "cell_type" / "categories"), mode="r+")
+    cats[...] = ""
+
+
 TAMPERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "root marker removed": (remove_marker, "marker"),
     "a dataset deleted": (delete_dataset, "numbered"),
@@ -71,6 +77,7 @@ TAMPERS: dict[str, tuple[Callable[[Path], None], str]] = {
     "one X value changed": (change_one_value, "X rows"),
     "a dataset duplicated": (duplicate_dataset, "not unique"),
     "one obs value changed": (swap_obs_value, "cell_type"),
+    "obs categories left unwritten": (blank_categories, "dataset_1 cannot be read"),
 }
 
 
