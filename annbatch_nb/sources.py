@@ -21,7 +21,7 @@ import os
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -703,6 +703,16 @@ def obs_merge_gap(dtype: np.dtype | str) -> int:
     return OBS_SPAN_BYTES // dt.itemsize if dt.kind in "biuf" else 0
 
 
+def _read_spans(ranges: np.ndarray, gap: int, read: Callable[[int, int], Any]) -> np.ndarray:
+    """The values of sorted ``ranges``, concatenated: ranges within ``gap`` of each other read as one span."""
+    parts: list[np.ndarray] = []
+    for group in _group_ranges([(int(lo), int(hi)) for lo, hi in ranges], gap):
+        lo, hi = group[0][0], group[-1][1]
+        span = np.asarray(read(lo, hi))
+        parts += [span[a - lo : b - lo] for a, b in group]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _group_ranges(ranges: list[tuple[int, int]], gap: int) -> list[list[tuple[int, int]]]:
     """Group sorted, disjoint ranges whose gaps are at most ``gap`` (and whose span stays bounded)."""
     groups: list[list[tuple[int, int]]] = []
@@ -858,12 +868,7 @@ class H5adSource(Source):
         gap = obs_merge_gap(arr.dtype) if arr.ndim == 1 else 0
         if len(ranges) <= 1 or not gap:
             return super()._gather(arr, ranges)
-        parts: list[np.ndarray] = []
-        for group in _group_ranges([(int(lo), int(hi)) for lo, hi in ranges], gap):
-            lo, hi = group[0][0], group[-1][1]
-            span = np.asarray(arr[lo:hi])
-            parts += [span[a - lo : b - lo] for a, b in group]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return _read_spans(ranges, gap, lambda lo, hi: arr[lo:hi])
 
     def _disk_stat(self) -> tuple[int, float]:
         return _file_stat(self.spec)
@@ -985,12 +990,7 @@ class ZarrSource(Source):
         gap = self._merge_gap(arr)
         if len(ranges) <= 1 or not gap:
             return super()._gather(arr, ranges)
-        parts: list[np.ndarray] = []
-        for group in _group_ranges([(int(lo), int(hi)) for lo, hi in ranges], gap):
-            lo, hi = group[0][0], group[-1][1]
-            span = np.asarray(self._read_range(arr, lo, hi))
-            parts += [span[a - lo : b - lo] for a, b in group]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return _read_spans(ranges, gap, lambda lo, hi: self._read_range(arr, lo, hi))
 
     def _disk_stat(self) -> tuple[int, float]:
         size, mtime = 0, 0.0
