@@ -902,7 +902,7 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
 
 
 #: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
-CALIBRATION_VERSION = 8
+CALIBRATION_VERSION = 9
 
 
 def _vm_kib(field_name: str) -> int | None:
@@ -1155,15 +1155,19 @@ class _Trial:
 
 
 def _repeated(write: Callable[[], _Trial], *, least: int, most: int, within_s: float) -> list[_Trial]:
-    """``least`` writes of a sample, and more up to ``most`` while they have taken under ``within_s`` seconds.
+    """``least`` writes of a sample, and more, up to ``most``, while one more fits in ``within_s`` seconds.
 
-    Quick samples (small inputs: tens of ms) are the noisiest relative to the runs they predict, and cost
-    little to repeat; on inputs with tens of thousands of genes each takes ~0.1 s and calibrate's budget
-    has no room for more.
+    Quick samples (small inputs: tens of ms) are the noisiest relative to the runs they predict (single
+    writes of one vary by a factor of two), and cost little to repeat: their mean is what a run's many
+    datasets pay. On inputs with tens of thousands of genes each takes over 0.1 s, and calibrate's budget
+    has no room for more than ``least``.
     """
     start = time.perf_counter()
     trials = [write() for _ in range(least)]
-    while len(trials) < most and time.perf_counter() - start < within_s:
+    while len(trials) < most:
+        spent = time.perf_counter() - start
+        if spent + spent / len(trials) > within_s:  # the next one would overrun
+            break
         trials.append(write())
     return trials
 
@@ -1390,8 +1394,8 @@ def _calibrate_format(
     A generator: the first pass runs beside other work (the fresh process of :func:`calibrate`) and pauses;
     it writes the many-input dataset (paying one-time costs), grows and first-touches the engine's buffers to
     the large one's size (a run pays that once, not per dataset) and runs the probes. The caller then lowers
-    that work's priority, and the second pass writes the datasets: the many-input one three to five times and
-    the one-input one up to three times (their means kept, :func:`_mean_trial`; more of them when they are
+    that work's priority, and the second pass writes the datasets: the many-input one three to ten times and
+    the one-input one up to six times (their means kept, :func:`_mean_trial`; more of them when they are
     quick, see :func:`_repeated`), and the large one twice (the better kept; the per-byte cost is the
     difference of the large and the many-input one). Unless the first pass took over twice the
     budget: then it finishes the samples once. The decode and call probes run in both passes, the faster
@@ -1425,12 +1429,12 @@ def _calibrate_format(
         yield
         if first_pass < 2 * budget_s:  # alone now: these are the samples kept (beside the fresh process,
             # CPU time misses the engine's waits and wall time counts the other process's work); the per-byte
-            # cost is the difference of the large one and the many-input one: the mean of three to five of
-            # the latter and of up to three of the one-input one (a real dataset's fixed costs are what
+            # cost is the difference of the large one and the many-input one: the mean of three to ten of
+            # the latter and of up to six of the one-input one (a real dataset's fixed costs are what
             # datasets pay on average, not the best), the better of two of the large one (one hiccup in it
             # would skew every prediction)
-            t_many = _mean_trial(_repeated(lambda: s.run(many), least=3, most=5, within_s=0.4))
-            t_one = _mean_trial(_repeated(lambda: s.run(one), least=1, most=3, within_s=0.2))
+            t_many = _mean_trial(_repeated(lambda: s.run(many), least=3, most=10, within_s=0.5))
+            t_one = _mean_trial(_repeated(lambda: s.run(one), least=1, most=6, within_s=0.3))
             on_disk = s.run(large, disk=True)
             t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
             decode_rate = max(decode_rate, s.measure_decode())
