@@ -449,6 +449,10 @@ class Plan:
         Target rows per dataset (after converting a byte size or resolving ``"auto"``).
     calibration
         Machine rates behind the predictions (see :func:`annbatch_nb.predict.calibrate`).
+    uncached
+        Per input, the fraction of its bytes the page cache did not hold when the plan was made
+        (:func:`annbatch_nb.pagecache.uncached_fraction`): the time prediction charges reading them from the
+        disk. None (from :func:`build_plan` without it): all cached.
     """
 
     inputs: list[SourceInfo]
@@ -464,6 +468,7 @@ class Plan:
     n_datasets: int
     dataset_rows: int
     calibration: Calibration = field(default_factory=lambda: DEFAULT_CALIBRATION, repr=False)
+    uncached: np.ndarray | None = field(default=None, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     #: Parsed manifests of virtualized inputs, filled when the plan is executed, so that worker processes
     #: (local or on a cluster) open those inputs without parsing them again.
@@ -644,6 +649,14 @@ class Plan:
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
+    @property
+    def uncached_fraction(self) -> float:
+        """The fraction of the inputs' X (raw bytes) that the page cache did not hold when planned."""
+        if self.uncached is None:
+            return 0.0
+        weights = np.array([float(i.raw_x_bytes) for i in self.inputs])
+        return float(np.average(self.uncached, weights=weights)) if weights.sum() else 0.0
+
     def summary(self) -> dict[str, Any]:
         """A JSON-able summary of the plan."""
         return {
@@ -661,6 +674,7 @@ class Plan:
             "peak_memory_bytes": self.peak_memory_bytes,
             "seconds": self.seconds,
             "output_bytes": self.output_bytes,
+            "uncached_fraction": self.uncached_fraction,
             "quality": self.quality.score,
             "quality_details": self.quality.to_dict(),
             "memory": self.memory.to_dict(),
@@ -679,6 +693,11 @@ class Plan:
         raw = format_bytes(int(self.raw_bytes_per_row() * self.n_obs))
         mean_rows = int(self.rows_per_dataset.mean())
         procs = f" with {self.time.workers} processes" if self.time.workers > 1 else ""
+        if self.time.disk >= 0.1 * self.seconds:
+            procs += (
+                f" ({self.time.disk:.0f} s of it reading the {self.uncached_fraction:.0%} of X not in the "
+                "page cache)"
+            )
         return (
             f"{self.n_obs:,} cells x {self.n_vars:,} genes ({self.x_kind}, {self.dtype.name}, {raw} raw) "
             f"from {len(self.inputs)} input(s) -> {self.n_datasets} dataset(s) of ~{mean_rows:,} rows, "
@@ -808,7 +827,12 @@ def _joined(
     return hit[1], hit[2], hit[3]
 
 
-def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibration | None = None) -> Plan:
+def build_plan(
+    infos: list[SourceInfo],
+    params: Parameters,
+    calibration: Calibration | None = None,
+    uncached: np.ndarray | None = None,
+) -> Plan:
     """Compute a plan from scanned metadata (no I/O).
 
     Parameters
@@ -819,6 +843,8 @@ def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibra
         Validated parameters.
     calibration
         Machine rates for the predictions and for ``dataset_size="auto"`` (default: the reference machine's).
+    uncached
+        Per input, the fraction of its bytes not in the page cache (:func:`uncached_fractions`); default 0.
 
     Returns
     -------
@@ -857,6 +883,7 @@ def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibra
         n_datasets=1,
         dataset_rows=n_obs,
         calibration=calibration or DEFAULT_CALIBRATION,
+        uncached=None if uncached is None else np.asarray(uncached, dtype=np.float64),
     )
     if params.dataset_size == "auto":
         import psutil
@@ -884,6 +911,20 @@ def build_plan(infos: list[SourceInfo], params: Parameters, calibration: Calibra
     stub.n_datasets = n_datasets
     stub.dataset_rows = dataset_rows
     return stub
+
+
+def uncached_fractions(infos: list[SourceInfo]) -> np.ndarray:
+    """Per input, the fraction of its bytes the page cache does not hold now (0 for remote inputs).
+
+    Queried in parallel (a directory store's files are many); see
+    :func:`annbatch_nb.pagecache.uncached_fraction`.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .pagecache import uncached_fraction
+
+    with ThreadPoolExecutor(8) as ex:
+        return np.array(list(ex.map(lambda i: uncached_fraction(i.path), infos)), dtype=np.float64)
 
 
 def scan(
@@ -1123,7 +1164,7 @@ def plan(
         calibration = calibrate(infos)
     elif calibration is None or calibration is False:
         calibration = cached_calibration(infos)
-    return build_plan(infos, params, calibration)
+    return build_plan(infos, params, calibration, uncached_fractions(infos))
 
 
 def sweep(
@@ -1156,10 +1197,12 @@ def sweep(
         base = inputs.params.to_dict()
         infos = inputs.inputs
         calibration = calibration or inputs.calibration
+        uncached = inputs.uncached
     else:
         base = {}
         infos = _infos(inputs)
         calibration = calibration or cached_calibration(infos)
+        uncached = uncached_fractions(infos)
     base.update(params)
     rows = []
     for size in dataset_size:
@@ -1169,6 +1212,7 @@ def sweep(
                     infos,
                     Parameters.validated(**{**base, "shuffle_chunk_size": chunk, "dataset_size": size}),
                     calibration,
+                    uncached,
                 )
             except ParameterError:
                 continue

@@ -94,6 +94,13 @@ class Calibration:
         creation, codecs, thread pools), paid after its X is read into the freshly touched buffers.
     fault_bytes_per_s
         First touch of freshly allocated memory (page faults), paid once per run for the reused buffers.
+    cold_read_s
+        Latency of one read of X that the page cache does not hold (the disk's seek and request), measured on
+        the user's largest input by :func:`~annbatch_nb.pagecache.cold_read_costs`.
+    cold_bytes_per_s
+        Reading bytes of X that the page cache does not hold, on top of ``x_bytes_per_s`` (which
+        :func:`calibrate` times with the samples' bytes cached). A plan charges both for the fraction of each
+        input the cache does not hold when it is made (:attr:`~annbatch_nb.plan.Plan.uncached`).
     quick_touch_bytes
         The part of a process's first touch that typically comes from memory freed moments before (its own
         start, other programs), quick to touch again: not charged at ``fault_bytes_per_s``. A reference
@@ -139,6 +146,8 @@ class Calibration:
     run_s: float = 0.02
     first_dataset_s: float = 0.03
     fault_bytes_per_s: float = 1.0e9
+    cold_read_s: float = 2.0e-4
+    cold_bytes_per_s: float = 8.0e8
     quick_touch_bytes: float = 8 << 20
     compression_ratio: float = 0.48
     process_start_s: float = 2.0
@@ -313,6 +322,24 @@ def _dataset_table(plan: Plan) -> dict[str, np.ndarray]:
         sel = formats[range_input] == fmt
         table[f"decode_{fmt}"] = np.bincount(range_ds[sel], weights=extra[sel], minlength=kd)
         table[f"calls_{fmt}"] = np.bincount(range_ds[sel], weights=calls[sel], minlength=kd)
+    # bytes of X not in the page cache, read from the disk (whole compressed chunks, at their stored size),
+    # and the reads that wait for it (one per range and X array)
+    cold = plan.uncached if plan.uncached is not None else np.zeros(len(infos))
+    if np.any(cold > 0):
+        stored = np.array(
+            [
+                min(i.size_bytes / max(i.raw_x_bytes, 1), 1.0) if _chunk_geometry(i)[0] > 0 else 1.0
+                for i in infos
+            ]
+        )
+        arrays = np.array([2.0 if i.x_kind == "csr" else 1.0 for i in infos])
+        u = cold[range_input]
+        raw = range_rows * bytes_per_row[range_input] + extra
+        table["cold_bytes"] = np.bincount(range_ds, weights=u * raw * stored[range_input], minlength=kd)
+        table["cold_calls"] = np.bincount(range_ds, weights=u * arrays[range_input], minlength=kd)
+    else:
+        table["cold_bytes"] = np.zeros(kd)
+        table["cold_calls"] = np.zeros(kd)
     range_bytes = range_rows * temp_row[r[new_range, 0]]
     table["read_temp"] = np.zeros(kd)
     np.maximum.at(table["read_temp"], ks[new_range], range_bytes)
@@ -690,6 +717,8 @@ class TimePrediction:
         obs and cell names (per row).
     decode
         Decoding the parts of compressed chunks that datasets do not keep (per byte).
+    disk
+        Reading the bytes of X that the page cache did not hold when the plan was made (per read and byte).
     overhead
         Fixed costs: per run, per input opened, per dataset, per input a dataset reads, buffers' first touch.
     serial_seconds
@@ -706,6 +735,7 @@ class TimePrediction:
     serial_seconds: float = 0.0
     workers: int = 1
     decode: float = 0.0
+    disk: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         """JSON-able form."""
@@ -717,10 +747,14 @@ PARALLEL_MIN_SECONDS = 4.0
 
 
 def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) -> np.ndarray:
-    """Serial seconds of writing each dataset (fixed, per input read, per read call, per row, per byte)."""
+    """Serial seconds of writing each dataset (fixed, per input read, per read call, per row, per byte).
+
+    Bytes of X the page cache did not hold when the plan was made also pay the disk: ``cold_calls *
+    cold_read_s + cold_bytes / cold_bytes_per_s``.
+    """
     t = _dataset_table(plan)
     c = calibration
-    sec = c.dataset_s + t["rows"] / c.obs_rows_per_s
+    sec = c.dataset_s + t["rows"] / c.obs_rows_per_s + _disk_seconds(t, c)
     for key, v in t.items():
         if key.startswith("inputs_"):
             sec = sec + v * c.per_format("dataset_input_s", key[len("inputs_") :])
@@ -731,6 +765,11 @@ def dataset_seconds(plan: Plan, calibration: Calibration = DEFAULT_CALIBRATION) 
         elif key.startswith("decode_"):
             sec = sec + v / c.per_format("decode_bytes_per_s", key[len("decode_") :])
     return np.asarray(sec, dtype=np.float64)
+
+
+def _disk_seconds(t: dict[str, np.ndarray], c: Calibration) -> np.ndarray:
+    """Per dataset: reading the bytes of X the page cache does not hold (see :func:`_dataset_table`)."""
+    return t["cold_calls"] * c.cold_read_s + t["cold_bytes"] / c.cold_bytes_per_s
 
 
 def _process_fixed_seconds(plan: Plan, c: Calibration) -> float:
@@ -827,7 +866,8 @@ def predict_time(
 
     One process: ``run_s + opens + buffers' first touch + first_dataset_s + dataset seconds`` where a
     dataset costs ``dataset_s + dataset_input_s * inputs + calls * read_call_s + rows / obs_rows_per_s +
-    bytes / x_bytes_per_s``. With ``n`` workers: the parent's ``run_s + opens``, one process start (the
+    bytes / x_bytes_per_s``, plus the disk for the bytes of X the page cache does not hold
+    (:func:`dataset_seconds`). With ``n`` workers: the parent's ``run_s + opens``, one process start (the
     forkserver), each worker's opens, first touch and one-time costs, and the datasets,
     slowed by ``parallel_efficiency``, dealt in order to the first free worker.
 
@@ -863,17 +903,18 @@ def predict_time(
         for k, v in t.items()
         if k.startswith("decode_")
     )
+    disk = float(_disk_seconds(t, c).sum())
     per_ds = dataset_seconds(plan, c)
     fixed = _process_fixed_seconds(plan, c)
     serial = _serial_seconds(plan, c)
-    overhead = serial - x - calls - obs - decode
+    overhead = serial - x - calls - obs - decode - disk
     n = auto_workers(plan, plan.n_datasets, c) if workers is None else max(1, int(workers))
     n = min(n, max(plan.n_datasets, 1))
     if n == 1:
-        return TimePrediction(serial, x, calls, obs, overhead, serial, 1, decode)
+        return TimePrediction(serial, x, calls, obs, overhead, serial, 1, decode, disk)
     opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
     seconds = c.run_s + opens + c.process_start_s + fixed + _makespan(per_ds / c.parallel_efficiency, n)
-    return TimePrediction(seconds, x, calls, obs, overhead, serial, n, decode)
+    return TimePrediction(seconds, x, calls, obs, overhead, serial, n, decode, disk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -902,7 +943,7 @@ def cached_calibration(infos: list[SourceInfo]) -> Calibration | None:
 
 
 #: Bumped when the calibration's fields or their meaning change (old cache entries are then not used).
-CALIBRATION_VERSION = 9
+CALIBRATION_VERSION = 10
 
 
 def _vm_kib(field_name: str) -> int | None:
@@ -1467,6 +1508,24 @@ def _calibrate_format(
     }
 
 
+def _cold_read_costs(infos: list[SourceInfo]) -> dict[str, float]:
+    """``cold_read_s`` and ``cold_bytes_per_s`` on the inputs' disk: the mean of two probes, or nothing.
+
+    See :func:`~annbatch_nb.pagecache.cold_read_costs` (about 30-60 ms each here). Nothing when the inputs are
+    remote or the platform cannot drop pages: the reference values stay.
+    """
+    from . import pagecache
+
+    probes = [pagecache.cold_read_costs([i.path for i in infos]) for _ in range(2)]
+    got = [p for p in probes if p is not None]
+    if not got:
+        return {}
+    return {
+        "cold_read_s": float(np.mean([p[0] for p in got])),
+        "cold_bytes_per_s": float(len(got) / sum(1 / p[1] for p in got)),
+    }
+
+
 def calibrate(
     inputs: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | list[SourceInfo],
     *,
@@ -1485,7 +1544,8 @@ def calibrate(
     worker start cost, the memory baseline and the memory a run holds per cell. The engine's samples warm up
     beside that process, which then goes on at the lowest CPU priority while the samples kept are written
     (its own times are CPU times). Once per machine (cached), before all that, the first touch of new memory
-    is timed (:func:`_fault_rate`): the cost of a run's new buffers. Times are the smaller of wall and CPU
+    is timed (:func:`_fault_rate`): the cost of a run's new buffers. Last, reads of the largest input that the
+    page cache does not hold are timed (:func:`_cold_read_costs`). Times are the smaller of wall and CPU
     time, so that other programs' load does not count.
 
     Parameters
@@ -1562,8 +1622,10 @@ def calibrate(
             with contextlib.suppress(OSError):
                 _machine_cache_path().parent.mkdir(parents=True, exist_ok=True)
                 _machine_cache_path().write_text(json.dumps(machine))
+    cold = _cold_read_costs(infos)
     cal = replace(
         base,
+        **cold,
         x_bytes_per_s={**base.x_bytes_per_s, **{f: v["x_bytes_per_s"] for f, v in per_fmt.items()}},
         read_call_s={**base.read_call_s, **{f: v["read_call_s"] for f, v in per_fmt.items()}},
         decode_bytes_per_s={

@@ -58,10 +58,14 @@ CHILD = """
 import json, sys, threading, time
 import psutil
 import annbatch_nb as abn
-from annbatch_nb.predict import Calibration, peak_rss_bytes
+from annbatch_nb.predict import Calibration, peak_rss_bytes, predict_time
 spec = json.loads(sys.argv[1])
 p = abn.plan(spec["inputs"], seed=0, shuffle_chunk_size=spec["chunk"], dataset_size=spec["size"],
              calibration=Calibration.from_dict(spec["calibration"]))
+# the prediction for this start, as a user gets it: planned just before the run (which inputs' bytes the page
+# cache holds then is part of it)
+n = None if spec["workers"] == "auto" else int(spec["workers"])
+predicted = predict_time(p, p.calibration, workers=n)
 me, peak, done = psutil.Process(), [0], threading.Event()
 def sample():
     while not done.is_set():
@@ -80,7 +84,8 @@ r = p.run(spec["output"], progress=False, workers=spec["workers"])
 seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
 done.set()
 peak = max(peak_rss_bytes(), peak[0])
-print(json.dumps({"seconds": seconds, "cpu": cpu, "peak": peak, "workers": r.workers}))
+print(json.dumps({"seconds": seconds, "cpu": cpu, "peak": peak, "workers": r.workers,
+                  "predicted": predicted.seconds, "uncached": float(p.uncached.mean())}))
 """
 
 
@@ -157,7 +162,13 @@ def run_grid(
                 )
                 ms.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load})
                 shutil.rmtree(out, ignore_errors=True)
-            m = {k: float(np.median([x[k] for x in ms])) for k in ("seconds", "cpu", "peak", "load")}
+            m = {
+                k: float(np.median([x[k] for x in ms]))
+                for k in ("seconds", "cpu", "peak", "load", "predicted", "uncached")
+            }
+            # each start's own prediction (made as it started: the page cache holds more of the inputs on a
+            # second start than on the first after a while), their median against the measured median
+            predicted_s = m["predicted"]
             # the run's own time, as on an idle machine: the best of the repeats, each the smaller of wall and
             # CPU time (other programs' load stretches wall time, not CPU time; one process only)
             busy = min(min(x["seconds"], x["cpu"]) if workers == 1 else x["seconds"] for x in ms)
@@ -172,12 +183,14 @@ def run_grid(
                     "predicted_peak": mem.peak_bytes,
                     "measured_peak": m["peak"],
                     "memory_error": mem.peak_bytes / m["peak"] - 1,
-                    "predicted_s": tim.seconds,
+                    "predicted_s": predicted_s,
+                    "predicted_starts": [x["predicted"] for x in ms],
+                    "uncached": m["uncached"],
                     "measured_s": m["seconds"],
-                    "time_error": tim.seconds / m["seconds"] - 1,
+                    "time_error": predicted_s / m["seconds"] - 1,
                     "measured_cpu_s": m["cpu"],
                     "measured_busy_s": busy,
-                    "busy_error": tim.seconds / busy - 1,
+                    "busy_error": predicted_s / busy - 1,
                     "load": m["load"],
                     "calibration_s": cal_s,
                     "calibration": cal.to_dict(),
@@ -190,7 +203,7 @@ def run_grid(
                 f"memory {r['predicted_peak'] / 2**20:7.0f} vs {r['measured_peak'] / 2**20:7.0f} MiB "
                 f"({r['memory_error']:+.0%})   time {r['predicted_s']:6.2f} vs {r['measured_s']:6.2f} s "
                 f"({r['time_error']:+.0%}; best {r['measured_busy_s']:6.2f} s, {r['busy_error']:+.0%})  "
-                f"load {r['load']:.1f}",
+                f"load {r['load']:.1f}  uncached {r['uncached']:.0%}",
                 flush=True,
             )
     return rows

@@ -103,6 +103,40 @@ def test_time_and_size_models_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     assert later.seconds - t.seconds == pytest.approx(0.05 - 0.01)
 
 
+def test_bytes_the_page_cache_does_not_hold_pay_the_disk_by_hand() -> None:
+    from annbatch_nb.predict import _dataset_table, dataset_seconds
+
+    two = [*_one_input(), dataclasses.replace(_one_input()[0], path="/x/b.h5ad", display="b.h5ad")]
+    params = Parameters.validated(shuffle_chunk_size=100, dataset_size=1000, seed=0, assignment="balanced")
+    cal = dataclasses.replace(CAL, cold_read_s=0.002, cold_bytes_per_s=1e5)
+    warm = build_plan(two, params, cal)
+    cold = build_plan(two, params, cal, uncached=np.array([1.0, 0.25]))
+    assert warm.n_datasets == 2
+    t = _dataset_table(cold)
+    # each dataset reads 500 rows of each input (balanced) as five runs of 100; runs of one input that touch
+    # coalesce, the rest are ranges of their own: one read per range and X array (data, indices)
+    runs = cold.runs
+    for k in range(2):
+        mine = runs[cold.run_dataset == k]
+        ranges = {i: 0 for i in (0, 1)}
+        for i in (0, 1):
+            lo = np.sort(mine[mine[:, 0] == i][:, 1])
+            ranges[i] = int(1 + np.count_nonzero(np.diff(lo) != 100))
+        assert t["cold_calls"][k] == pytest.approx(2 * ranges[0] * 1.0 + 2 * ranges[1] * 0.25)
+        # 500 rows from each input at its raw X bytes per row (10 entries of 4 + 4 bytes, and the row
+        # pointers' share), uncompressed: stored as they are
+        per_row = (10_000 * 8 + 1001 * 8) / 1000
+        assert t["cold_bytes"][k] == pytest.approx(500 * per_row * 1.0 + 500 * per_row * 0.25)
+    extra = dataset_seconds(cold, cal) - dataset_seconds(warm, cal)
+    assert extra == pytest.approx(t["cold_calls"] * 0.002 + t["cold_bytes"] / 1e5)
+    assert cold.time.disk == pytest.approx(float(extra.sum()))
+    assert cold.seconds - warm.seconds == pytest.approx(float(extra.sum()))
+    assert warm.time.disk == 0.0
+    # a sweep over a plan keeps its inputs' cache state
+    table = sweep(cold, shuffle_chunk_size=[100], dataset_size=[1000])
+    assert table["seconds"].iloc[0] == pytest.approx(cold.seconds)
+
+
 def test_tiny_run_costs() -> None:
     from annbatch_nb.predict import _tiny_run_costs
 
