@@ -13,6 +13,7 @@ another Unix with ``mincore``), inputs count as cached and the reference cold-re
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -124,12 +125,21 @@ def uncached_fraction(path: str | os.PathLike[str]) -> float:
 def drop(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to drop ``[offset, offset + length)`` of a file from the page cache (0: to the end).
 
-    Clean pages only; the file is not changed. A no-op where ``posix_fadvise`` is missing.
+    A directory (a zarr store): every file under it, whole. Pages not yet written out are written first
+    (``fdatasync``); no file's bytes change. A no-op
+    where ``posix_fadvise`` is missing. Useful to see what a run over inputs larger than memory would take.
     """
     if not hasattr(os, "posix_fadvise"):
         return
+    if os.path.isdir(path):
+        for f in Path(path).rglob("*"):
+            if f.is_file():
+                drop(f)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
+        with contextlib.suppress(OSError):  # pages not yet written out cannot be dropped: write them first
+            os.fdatasync(fd)
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

@@ -132,6 +132,25 @@ def test_bytes_the_page_cache_does_not_hold_pay_the_disk_by_hand() -> None:
     assert cold.time.disk == pytest.approx(float(extra.sum()))
     assert cold.seconds - warm.seconds == pytest.approx(float(extra.sum()))
     assert warm.time.disk == 0.0
+    # an input whose chunks the decoding threads read: its reads overlap them and each other, and cost only
+    # what they take beyond the decoding of the same bytes
+    from annbatch_nb.sources import _ZarrChunks
+
+    (z,) = _one_input()
+    z = dataclasses.replace(
+        z, path="/x/c.zarr", format="zarr", x_direct=True, x_chunk=1000, x_compression="zstd"
+    )
+    z.size_bytes = z.raw_x_bytes // 2  # stored at half size
+    zp = build_plan([z], params, cal, uncached=np.array([1.0]))
+    zt = _dataset_table(zp)
+    assert zt["cold_calls"].sum() == zt["cold_bytes"].sum() == 0.0
+    disk = zt["cold_direct_calls"] * 0.002 / _ZarrChunks.n_threads() + zt["cold_direct_bytes"] / 1e5
+    work = zt["cold_direct_work_zarr"] / cal.per_format("decode_bytes_per_s", "zarr")
+    assert np.all(disk > work)
+    assert zp.time.disk == pytest.approx(float((disk - work).sum()))
+    # ... and nothing where the decoding takes longer
+    slow_decode = dataclasses.replace(cal, decode_bytes_per_s={"zarr": 1.0})
+    assert build_plan([z], params, slow_decode, uncached=np.array([1.0])).time.disk == 0.0
     # a sweep over a plan keeps its inputs' cache state
     table = sweep(cold, shuffle_chunk_size=[100], dataset_size=[1000])
     assert table["seconds"].iloc[0] == pytest.approx(cold.seconds)
