@@ -222,13 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated kinds to run")
     parser.add_argument("--json", default=None, help="write the rows here")
     parser.add_argument(
+        "--chunks",
+        default="100,1000,10000",
+        help="shuffle_chunk_size values, in the order run (the small sets take the first two)",
+    )
+    parser.add_argument(
         "--settle", type=float, default=20.0, help="seconds of quiet before runs that touch >= 64 MiB"
     )
     args = parser.parse_args(argv)
     from make_data import make_dataset
 
     data = HERE / "data"
-    chunks = [100, 1000, 10_000]
+    chunks = [int(c) for c in args.chunks.split(",")]
     cases: list[tuple[str, list[str], list[int], list[int], int | str]] = []
     small_sparse = [str(p) for p in make_dataset(files=4, cells=10_000, genes=5000, verbose=False)]
     small_zarr = [str(p) for p in make_dataset(files=4, cells=10_000, genes=2000, fmt="zarr", verbose=False)]
