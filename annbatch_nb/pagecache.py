@@ -126,8 +126,8 @@ def drop(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> None
     """Ask the kernel to drop ``[offset, offset + length)`` of a file from the page cache (0: to the end).
 
     A directory (a zarr store): every file under it, whole. Pages not yet written out are written first
-    (``fdatasync``); no file's bytes change. A no-op
-    where ``posix_fadvise`` is missing. Useful to see what a run over inputs larger than memory would take.
+    (``fdatasync``); no file's bytes change. A no-op where ``posix_fadvise`` is missing. Useful to see what
+    a run over inputs larger than memory would take.
     """
     if not hasattr(os, "posix_fadvise"):
         return
