@@ -163,23 +163,32 @@ def _largest_file(paths: list[str]) -> str | None:
 
 
 def cold_read_costs(
-    paths: list[str], *, small: int = 64 << 10, n_small: int = 16, large: int = 16 << 20
+    paths: list[str], *, probes: int = 2, small: int = 64 << 10, n_small: int = 16, large: int = 16 << 20
 ) -> tuple[float, float] | None:
     """Seconds per read call and bytes per second of reading what the page cache does not hold.
 
-    On the largest local file of ``paths`` (at least 4 MiB): a region in its middle is dropped from the page
-    cache (:func:`drop`), then read back as ``n_small`` reads of ``small`` bytes spread over its first half
-    (a run's short runs of rows: each pays the disk's latency) and as one sequential pass over its second
-    half in 1 MiB reads (a long range: the kernel reads ahead). The rate is the second's bytes per second;
-    the call cost what the first took beyond its bytes at that rate, per read. The region is read back in,
-    so the cache holds it again afterwards. None where that cannot be done (no local file, no
-    ``posix_fadvise``), or when the pages did not leave the cache (a file system in memory: no cost).
+    On the largest local file of ``paths`` (at least 4 MiB), ``probes`` times: a region in its middle is
+    dropped from the page cache (:func:`drop`), then read back as ``n_small`` reads of ``small`` bytes spread
+    over its first half (a run's short runs of rows: each pays the disk's latency) and as one sequential pass
+    over its second half in 1 MiB reads (a long range: the kernel reads ahead). The rate is the second's bytes
+    per second; the call cost what the first took beyond its bytes at that rate, per read; the probes' mean
+    call cost and their rate over the bytes of all of them are returned. The region is read back in, so the
+    cache holds it again afterwards. None where that cannot be done (no local file, no ``posix_fadvise``), or
+    when the pages did not leave the cache (a file system in memory: no cost).
     """
     if _LIBC is None:
         return None
     path = _largest_file(paths)
     if path is None:
         return None
+    got = [r for r in (_probe(path, small, n_small, large) for _ in range(probes)) if r is not None]
+    if not got:
+        return None
+    return float(np.mean([g[0] for g in got])), float(len(got) / sum(1 / g[1] for g in got))
+
+
+def _probe(path: str, small: int, n_small: int, large: int) -> tuple[float, float] | None:
+    """One probe of :func:`cold_read_costs` on ``path``."""
     size = os.path.getsize(path)
     if size < 4 << 20:
         return None

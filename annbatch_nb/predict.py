@@ -1533,21 +1533,15 @@ def _calibrate_format(
 
 
 def _cold_read_costs(infos: list[SourceInfo]) -> dict[str, float]:
-    """``cold_read_s`` and ``cold_bytes_per_s`` on the inputs' disk: the mean of two probes, or nothing.
+    """``cold_read_s`` and ``cold_bytes_per_s`` on the inputs' disk (two probes), or nothing.
 
-    See :func:`~annbatch_nb.pagecache.cold_read_costs` (about 30-60 ms each here). Nothing when the inputs are
-    remote or the platform cannot drop pages: the reference values stay.
+    See :func:`~annbatch_nb.pagecache.cold_read_costs` (about 30-60 ms a probe here). Nothing when the inputs
+    are remote or the platform cannot drop pages: the reference values stay.
     """
     from . import pagecache
 
-    probes = [pagecache.cold_read_costs([i.path for i in infos]) for _ in range(2)]
-    got = [p for p in probes if p is not None]
-    if not got:
-        return {}
-    return {
-        "cold_read_s": float(np.mean([p[0] for p in got])),
-        "cold_bytes_per_s": float(len(got) / sum(1 / p[1] for p in got)),
-    }
+    costs = pagecache.cold_read_costs([i.path for i in infos], probes=2)
+    return {} if costs is None else {"cold_read_s": costs[0], "cold_bytes_per_s": costs[1]}
 
 
 def calibrate(
