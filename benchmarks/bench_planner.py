@@ -85,7 +85,7 @@ seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
 done.set()
 peak = max(peak_rss_bytes(), peak[0])
 print(json.dumps({"seconds": seconds, "cpu": cpu, "peak": peak, "workers": r.workers,
-                  "predicted": predicted.seconds, "uncached": float(p.uncached.mean())}))
+                  "predicted": predicted.seconds, "uncached": p.uncached_fraction}))
 """
 
 
