@@ -47,8 +47,10 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-#: Runs predicted under SHORT_S seconds are timed SHORT_REPEAT times at least (see run_grid).
+#: Runs predicted under SHORT_S seconds are timed SHORT_REPEAT times at least, under MID_S MID_REPEAT times
+#: (see run_grid).
 SHORT_S, SHORT_REPEAT = 0.5, 5
+MID_S, MID_REPEAT = 1.5, 3
 sys.path.insert(0, str(HERE))
 
 # The peak is the process's own VmHWM (ru_maxrss would report the benchmark's own peak: a child inherits it).
@@ -148,9 +150,14 @@ def run_grid(
             ms = []
             # first touch that matters: many bytes, or a tenth of the predicted run
             cold = _touched_bytes(p) >= 64 << 20 or _touch_seconds(p, cal) >= 0.1 * tim.seconds
-            # a run under half a second moves by a factor of up to 1.8 from one start to the next (whether its
-            # first pages come quick, recently freed, or slow): its median needs more starts
-            for _ in range(repeat if tim.seconds >= SHORT_S else max(repeat, SHORT_REPEAT)):
+            # a run under half a second moves by a factor of up to 1.8 from one start to the next (whether
+            # its first pages come quick, recently freed, or slow), one of about a second by up to 1.5
+            # (dense-large as one dataset: 0.67-1.02 s over four starts): their medians need more starts (the
+            # median of two is their mean: one slow start moves it by half)
+            starts = repeat
+            if tim.seconds < MID_S:
+                starts = max(repeat, SHORT_REPEAT if tim.seconds < SHORT_S else MID_REPEAT)
+            for _ in range(starts):
                 if cold:
                     time.sleep(settle)
                 load = os.getloadavg()[0]
