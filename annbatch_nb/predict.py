@@ -93,8 +93,7 @@ class Calibration:
         One-time costs of a process's first dataset (code run for the first time: zarr's array and group
         creation, codecs, thread pools), paid after its X is read into the freshly touched buffers.
     fault_bytes_per_s
-        First touch of freshly allocated memory (page faults), paid once per run for the reused buffers. The
-        median of the machine's latest five probes (:func:`calibrate` adds one each time).
+        First touch of freshly allocated memory (page faults), paid once per run for the reused buffers.
     cold_read_s
         Latency of one read of X that the page cache does not hold (the disk's seek and request), measured on
         the user's largest input by :func:`~annbatch_nb.pagecache.cold_read_costs`.
@@ -1118,30 +1117,14 @@ _MACHINE_KEYS = (
     "first_dataset_s",
     "fault_bytes_per_s",
 )
-#: The fault rate kept per machine is the median of this many of the latest probes (one per calibrate).
-FAULT_PROBES_KEPT = 5
 
 
-def _cached_machine() -> dict[str, Any] | None:
-    """The machine's cached costs (:data:`_MACHINE_KEYS`, and the latest ``fault_probes``), if any."""
+def _cached_machine() -> dict[str, float] | None:
     try:
         d = json.loads(_machine_cache_path().read_text())
-        got: dict[str, Any] = {k: d[k] for k in _MACHINE_KEYS}
-        probes = d.get("fault_probes", [d["fault_bytes_per_s"]])
-        got["fault_probes"] = [float(v) for v in probes if float(v) > 0]
-        return got
+        return {k: d[k] for k in _MACHINE_KEYS}
     except (OSError, ValueError, TypeError, KeyError):
         return None
-
-
-def _with_fault_probe(machine: dict[str, Any], fault: float) -> dict[str, Any]:
-    """``machine`` with one more fault-rate probe: the rate is the median of the latest few.
-
-    One probe moves by up to 30 % from one moment to the next here (0.86-1.11 GB/s over six, seconds
-    apart), and a large run's first touch can be a third of its time: each calibration adds a probe.
-    """
-    probes = [*machine.get("fault_probes", []), fault][-FAULT_PROBES_KEPT:]
-    return {**machine, "fault_probes": probes, "fault_bytes_per_s": float(np.median(probes))}
 
 
 def _finish_child(proc: Any, started: float) -> dict[str, float]:
@@ -1578,9 +1561,8 @@ def calibrate(
     scans and plans a sample of the inputs: its start time and resident memory after each step are the
     worker start cost, the memory baseline and the memory a run holds per cell. The engine's samples warm up
     beside that process, which then goes on at the lowest CPU priority while the samples kept are written
-    (its own times are CPU times). Before all that, the first touch of new memory is timed
-    (:func:`_fault_rate`): the cost of a run's new buffers, kept per machine as the median of the latest
-    five such probes. Last, reads of the largest input that the
+    (its own times are CPU times). Once per machine (cached), before all that, the first touch of new memory
+    is timed (:func:`_fault_rate`): the cost of a run's new buffers. Last, reads of the largest input that the
     page cache does not hold are timed (:func:`_cold_read_costs`). Times are the smaller of wall and CPU
     time, so that other programs' load does not count.
 
@@ -1607,9 +1589,8 @@ def calibrate(
     infos = _infos(inputs)
     # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is
     # quick to touch again and would hide the cost a run's new buffers pay), and before the fresh process
-    # starts (starting it can free memory: then the probe measures the quick kind); a shorter probe when the
-    # machine's earlier ones are cached (the rate kept is the median of the latest few)
-    fault = _fault_rate() if machine is None else _fault_rate(total=128 << 20, most=256 << 20)
+    # starts (starting it can free memory: then the probe measures the quick kind)
+    fault = _fault_rate() if machine is None else None
     child, started = _start_child(machine is None, infos)  # on another core meanwhile
     formats = sorted({rate_key(i) for i in infos})
     per_fmt: dict[str, dict[str, float]] = {}
@@ -1651,12 +1632,14 @@ def calibrate(
     ratios = [v["compression_ratio"] for v in per_fmt.values() if v["compression_ratio"] > 0]
     cell_bytes = measured.pop("cell_bytes", 0.0)
     if machine is None:
-        machine = {k: measured[k] for k in _MACHINE_KEYS if k in measured}
-    machine = _with_fault_probe(machine, fault)
-    if cache and all(k in machine for k in _MACHINE_KEYS):
-        with contextlib.suppress(OSError):
-            _machine_cache_path().parent.mkdir(parents=True, exist_ok=True)
-            _machine_cache_path().write_text(json.dumps(machine))
+        keys = _MACHINE_KEYS
+        machine = {k: measured[k] for k in keys if k in measured}
+        if fault is not None:
+            machine["fault_bytes_per_s"] = fault
+        if cache and len(machine) == len(keys):
+            with contextlib.suppress(OSError):
+                _machine_cache_path().parent.mkdir(parents=True, exist_ok=True)
+                _machine_cache_path().write_text(json.dumps(machine))
     cold = _cold_read_costs(infos)
     cal = replace(
         base,

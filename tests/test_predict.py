@@ -360,8 +360,7 @@ def test_calibration_is_measured_cached_and_used(demo: list[str], tmp_path: Path
     assert 0 < cal.compression_ratio < 1.5 and cal.fault_bytes_per_s > 0
     assert 50e6 < cal.import_rss_bytes <= cal.baseline_rss_bytes < 2e9
     assert cached_calibration(infos) == cal
-    (machine,) = (tmp_path / "cache").glob("machine-*.json")  # the fresh process's numbers, kept per machine
-    assert json.loads(machine.read_text())["fault_probes"] == [cal.fault_bytes_per_s]
+    assert list((tmp_path / "cache").glob("machine-*.json"))  # the fresh process's numbers, kept per machine
     assert abn.plan(demo, seed=0).calibration == cal  # picked up from the cache
 
 
@@ -589,27 +588,3 @@ def test_first_touch_probe_keeps_the_slow_pieces(monkeypatch: pytest.MonkeyPatch
         mib / 0.01
     )
     assert left == [1.0]
-
-
-def test_the_machine_fault_rate_is_the_median_of_the_latest_probes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from annbatch_nb import predict
-
-    monkeypatch.setenv("ANNBATCH_NB_CACHE", str(tmp_path / "cache"))
-    machine = dict.fromkeys(predict._MACHINE_KEYS, 1.0)
-    for probe in (5.0, 1.0, 3.0):
-        machine = predict._with_fault_probe(machine, probe)
-    assert machine["fault_probes"] == [5.0, 1.0, 3.0]
-    assert machine["fault_bytes_per_s"] == 3.0
-    machine = predict._with_fault_probe(machine, 2.0)
-    assert machine["fault_bytes_per_s"] == 2.5  # median of four
-    for probe in (9.0, 9.0):
-        machine = predict._with_fault_probe(machine, probe)
-    assert machine["fault_probes"] == [1.0, 3.0, 2.0, 9.0, 9.0]  # the latest five
-    assert machine["fault_bytes_per_s"] == 3.0
-    # an older cache file without the probes: its rate is the first probe
-    path = predict._machine_cache_path()
-    path.parent.mkdir(parents=True)
-    path.write_text(json.dumps(dict.fromkeys(predict._MACHINE_KEYS, 2.0)))
-    assert predict._cached_machine()["fault_probes"] == [2.0]
