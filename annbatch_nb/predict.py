@@ -1004,9 +1004,9 @@ from annbatch_nb.predict import peak_rss_bytes, _vm_kib
 import numpy as np, scipy.sparse as sp, anndata as ad, pandas as pd
 import annbatch_nb as abn
 import annbatch_nb.engine
-task = json.loads(sys.argv[1])
 out = {"imported": time.time(), "import_cpu": time.process_time(),
        "import_rss": _vm_kib("VmRSS") or peak_rss_bytes()}
+task = json.loads(sys.stdin.readline())  # sent once calibrate has scanned the inputs (meanwhile: imports)
 if task["baseline"]:
     datasets = []
     write_dataset = annbatch_nb.engine.write_dataset
@@ -1060,26 +1060,39 @@ def _cell_sample(infos: list[SourceInfo]) -> list[SourceInfo]:
     return sample[:enough]
 
 
-def _start_child(baseline: bool, infos: list[SourceInfo]) -> tuple[Any, float]:
-    """Start a fresh process (in the background) that imports annbatch-nb.
+def _start_child() -> tuple[Any, float]:
+    """Start a fresh process (in the background) that imports annbatch-nb, then waits for its task.
 
-    Then (``baseline``) it runs a tiny shuffle, and it plans a sample of the inputs (:func:`_cell_sample`)
-    and opens them as a run does (its scan as a run's, on several threads: their memory counts too).
+    Started before calibrate scans the inputs: its imports (about half a second) overlap the scan, and
+    :func:`_send_child_task` hands it the task.
     """
     import subprocess
     import sys
 
     env = {**os.environ, "ANNBATCH_NB_CACHE": tempfile.gettempdir()}
-    task = {"baseline": baseline, "inputs": [i.path for i in _cell_sample(infos)]}
     started = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, json.dumps(task)],
+        [sys.executable, "-c", _CHILD],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         env=env,
     )
     return proc, started
+
+
+def _send_child_task(proc: Any, baseline: bool, infos: list[SourceInfo]) -> None:
+    """The fresh process's task: (``baseline``) run a tiny shuffle; plan a sample of the inputs.
+
+    The sample (:func:`_cell_sample`) is planned and opened as a run does (its scan as a run's, on several
+    threads: their memory counts too). Where the process is gone, :func:`_finish_child` keeps the reference
+    values.
+    """
+    task = {"baseline": baseline, "inputs": [i.path for i in _cell_sample(infos)]}
+    with contextlib.suppress(OSError):
+        proc.stdin.write(json.dumps(task) + "\n")
+        proc.stdin.flush()
 
 
 def _lowest_priority(pid: int) -> bool:
@@ -1557,9 +1570,10 @@ def calibrate(
     dataset does not keep), and the engine itself writes a few datasets of small plans over them into a
     temporary directory, each timed (see :func:`_calibrate_format`); the counts of the time model (bytes,
     read calls, decoded bytes, rows, inputs, datasets) are known for each, so its per-byte and fixed costs
-    follow. Meanwhile a fresh process imports annbatch-nb, runs a tiny shuffle (once per machine: cached) and
-    scans and plans a sample of the inputs: its start time and resident memory after each step are the
-    worker start cost, the memory baseline and the memory a run holds per cell. The engine's samples warm up
+    follow. Meanwhile a fresh process (started before the scan) imports annbatch-nb, runs a tiny shuffle
+    (once per machine: cached) and scans and plans a sample of the inputs: its start time and resident
+    memory after each step are the worker start cost, the memory baseline and the memory a run holds per
+    cell. The engine's samples warm up
     beside that process, which then goes on at the lowest CPU priority while the samples kept are written
     (its own times are CPU times). Once per machine (cached), before all that, the first touch of new memory
     is timed (:func:`_fault_rate`): the cost of a run's new buffers. Last, reads of the largest input that the
@@ -1586,15 +1600,21 @@ def calibrate(
 
     base = DEFAULT_CALIBRATION
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
-    infos = _infos(inputs)
     # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is
     # quick to touch again and would hide the cost a run's new buffers pay), and before the fresh process
     # starts (starting it can free memory: then the probe measures the quick kind)
     fault = _fault_rate() if machine is None else None
-    child, started = _start_child(machine is None, infos)  # on another core meanwhile
-    formats = sorted({rate_key(i) for i in infos})
+    child, started = _start_child()  # on another core meanwhile: its imports overlap the scan
     per_fmt: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
+        try:
+            infos = _infos(inputs)
+        except BaseException:  # a bad input: the fresh process is not left behind
+            child.kill()
+            child.wait()
+            raise
+        _send_child_task(child, machine is None, infos)
+        formats = sorted({rate_key(i) for i in infos})
         steps = {
             fmt: _calibrate_format(
                 [i for i in infos if rate_key(i) == fmt],

@@ -588,3 +588,19 @@ def test_first_touch_probe_keeps_the_slow_pieces(monkeypatch: pytest.MonkeyPatch
         mib / 0.01
     )
     assert left == [1.0]
+
+
+def test_a_calibration_of_a_missing_input_leaves_no_process_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from annbatch_nb import predict
+
+    monkeypatch.setenv("ANNBATCH_NB_CACHE", str(tmp_path / "cache"))
+    predict._machine_cache_path().parent.mkdir(parents=True)  # no fault probe: straight to the scan
+    predict._machine_cache_path().write_text(json.dumps(dict.fromkeys(predict._MACHINE_KEYS, 1.0)))
+    started = []
+    start = predict._start_child
+    monkeypatch.setattr(predict, "_start_child", lambda *a: started.append(start(*a)) or started[-1])
+    with pytest.raises(Exception, match=r"missing\.h5ad"):
+        calibrate([str(tmp_path / "missing.h5ad")])
+    assert started[0][0].poll() is not None  # started before the scan, killed and reaped when it failed
