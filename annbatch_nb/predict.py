@@ -1063,8 +1063,8 @@ def _cell_sample(infos: list[SourceInfo]) -> list[SourceInfo]:
 def _start_child() -> tuple[Any, float]:
     """Start a fresh process (in the background) that imports annbatch-nb, then waits for its task.
 
-    Started before calibrate scans the inputs: its imports (about half a second) overlap the scan, and
-    :func:`_send_child_task` hands it the task.
+    Started before calibrate scans the inputs, so that its imports overlap the scan; :func:`_send_child_task`
+    hands it the task.
     """
     import subprocess
     import sys
@@ -1573,12 +1573,11 @@ def calibrate(
     follow. Meanwhile a fresh process (started before the scan) imports annbatch-nb, runs a tiny shuffle
     (once per machine: cached) and scans and plans a sample of the inputs: its start time and resident
     memory after each step are the worker start cost, the memory baseline and the memory a run holds per
-    cell. The engine's samples warm up
-    beside that process, which then goes on at the lowest CPU priority while the samples kept are written
-    (its own times are CPU times). Once per machine (cached), before all that, the first touch of new memory
-    is timed (:func:`_fault_rate`): the cost of a run's new buffers. Last, reads of the largest input that the
-    page cache does not hold are timed (:func:`_cold_read_costs`). Times are the smaller of wall and CPU
-    time, so that other programs' load does not count.
+    cell. The engine's samples warm up beside that process, which then goes on at the lowest CPU priority
+    while the samples kept are written (its own times are CPU times). Once per machine (cached), before all
+    that, the first touch of new memory is timed (:func:`_fault_rate`): the cost of a run's new buffers.
+    Last, reads of the largest input that the page cache does not hold are timed (:func:`_cold_read_costs`).
+    Times are the smaller of wall and CPU time, so that other programs' load does not count.
 
     Parameters
     ----------
