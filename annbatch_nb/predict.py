@@ -1605,25 +1605,21 @@ def calibrate(
     fault = _fault_rate() if machine is None else None
     child, started = _start_child()  # on another core meanwhile: its imports overlap the scan
     per_fmt: dict[str, dict[str, float]] = {}
+    steps: dict[str, Generator[None, None, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="annbatch-nb-calibrate-") as tmp:
         try:
             infos = _infos(inputs)
-        except BaseException:  # a bad input: the fresh process is not left behind
-            child.kill()
-            child.wait()
-            raise
-        _send_child_task(child, machine is None, infos)
-        formats = sorted({rate_key(i) for i in infos})
-        steps = {
-            fmt: _calibrate_format(
-                [i for i in infos if rate_key(i) == fmt],
-                Path(tmp),
-                budget_s / len(formats),
-                base,
-            )
-            for fmt in formats
-        }
-        try:
+            _send_child_task(child, machine is None, infos)
+            formats = sorted({rate_key(i) for i in infos})
+            steps = {
+                fmt: _calibrate_format(
+                    [i for i in infos if rate_key(i) == fmt],
+                    Path(tmp),
+                    budget_s / len(formats),
+                    base,
+                )
+                for fmt in formats
+            }
             for step in steps.values():  # a first pass, while the fresh process runs
                 next(step)
             # a second without it competing for the cores: it goes on at the lowest priority, on what the
@@ -1640,7 +1636,7 @@ def calibrate(
         finally:
             for step in steps.values():
                 step.close()
-            if child.poll() is None:  # a sample failed: the fresh process is not left behind
+            if child.poll() is None:  # a bad input or a failed sample: the fresh process is not left behind
                 child.kill()
                 child.wait()
     weights = np.array([max(v["weight"], 1.0) for v in per_fmt.values()])
