@@ -1455,11 +1455,16 @@ def _best_read_seconds(src: Any, runs: np.ndarray, *, obs: bool = False, times: 
     return best
 
 
+#: Seconds from calibrate's start within which its extra rounds of samples end (:func:`_calibrate_format`).
+EXTRA_SAMPLES_UNTIL_S = 4.0
+
+
 def _calibrate_format(
     infos: list[SourceInfo],
     tmp: Path,
     budget_s: float,
     base: Calibration,
+    more: Callable[[float], bool] = lambda seconds: False,
 ) -> Generator[None, None, dict[str, float]]:
     """Rates of one input format from datasets the engine writes from up to four of its inputs.
 
@@ -1478,6 +1483,11 @@ def _calibrate_format(
     difference of the large and the many-input one). Unless the first pass took over twice the
     budget: then it finishes the samples once. The decode and call probes run in both passes, the faster
     kept: competing for the cores only slows them.
+
+    Then, while ``more(seconds)`` says there is time for another round of that many seconds (the fresh
+    process of :func:`calibrate` has not finished: calibrate waits for it anyway), rounds of one more write of
+    each of the three datasets: the many- and one-input means take them in, and the large one is the lower
+    median of all its writes (of two, the better, as without them).
     """
     sample = sorted(infos, key=lambda i: -i.raw_x_bytes)[:4]
     s = _Sampler(sample, tmp)
@@ -1511,12 +1521,19 @@ def _calibrate_format(
             # the latter and of up to six of the one-input one (a real dataset's fixed costs are what
             # datasets pay on average, not the best), the better of two of the large one (one hiccup in it
             # would skew every prediction)
-            t_many = _mean_trial(_repeated(lambda: s.run(many), least=3, most=10, within_s=0.5))
-            t_one = _mean_trial(_repeated(lambda: s.run(one), least=1, most=6, within_s=0.3))
+            manys = _repeated(lambda: s.run(many), least=3, most=10, within_s=0.5)
+            ones = _repeated(lambda: s.run(one), least=1, most=6, within_s=0.3)
             on_disk = s.run(large, disk=True)
-            t_big = min(on_disk, s.run(large), key=lambda t: t.seconds)
+            bigs = [on_disk, s.run(large)]
             decode_rate = max(decode_rate, s.measure_decode())
             calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
+            # while calibrate would only wait for its fresh process, more writes of each sample cost nothing
+            while more(bigs[-1].seconds + ones[-1].seconds + manys[-1].seconds):
+                bigs.append(s.run(large))
+                ones.append(s.run(one))
+                manys.append(s.run(many))
+            t_many, t_one = _mean_trial(manys), _mean_trial(ones)
+            t_big = sorted(bigs, key=lambda t: t.seconds)[(len(bigs) - 1) // 2]
         else:
             t_one, t_big = s.run(one), s.run(large, disk=True)
             on_disk = t_big
@@ -1574,8 +1591,10 @@ def calibrate(
     (once per machine: cached) and scans and plans a sample of the inputs: its start time and resident
     memory after each step are the worker start cost, the memory baseline and the memory a run holds per
     cell. The engine's samples warm up beside that process, which then goes on at the lowest CPU priority
-    while the samples kept are written (its own times are CPU times). Once per machine (cached), before all
-    that, the first touch of new memory is timed (:func:`_fault_rate`): the cost of a run's new buffers.
+    while the samples kept are written (its own times are CPU times), and more of them while it has not
+    finished (up to :data:`EXTRA_SAMPLES_UNTIL_S` from the start: calibrate would only wait for it). Once
+    per machine (cached), before all that, the first touch of new memory is timed (:func:`_fault_rate`): the
+    cost of a run's new buffers.
     Last, reads of the largest input that the page cache does not hold are timed (:func:`_cold_read_costs`).
     Times are the smaller of wall and CPU time, so that other programs' load does not count.
 
@@ -1611,12 +1630,18 @@ def calibrate(
             infos = _infos(inputs)
             _send_child_task(child, machine is None, infos)
             formats = sorted({rate_key(i) for i in infos})
+
+            def more(seconds: float) -> bool:  # another round of samples fits before the fresh process ends
+                # (it still runs) and within the time calibrate may take
+                return child.poll() is None and time.time() - started + seconds <= EXTRA_SAMPLES_UNTIL_S
+
             steps = {
                 fmt: _calibrate_format(
                     [i for i in infos if rate_key(i) == fmt],
                     Path(tmp),
                     budget_s / len(formats),
                     base,
+                    more,
                 )
                 for fmt in formats
             }

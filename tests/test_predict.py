@@ -390,6 +390,44 @@ def test_a_failed_calibration_leaves_no_process_behind(
     assert proc.poll() is not None  # killed and reaped, not left running
 
 
+def test_a_calibration_waiting_for_its_fresh_process_writes_more_samples(
+    demo: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from annbatch_nb import predict
+
+    infos = [i for i in abn.scan(demo) if predict.rate_key(i) == "h5ad"]
+    runs: dict[int, list[float]] = {}
+    run = predict._Sampler.run
+
+    def counted(self, plan, **kwargs):
+        trial = run(self, plan, **kwargs)
+        runs.setdefault(plan.dataset_rows, []).append(trial.seconds)
+        return trial
+
+    fitted = []
+    fit = predict._fit_costs
+    monkeypatch.setattr(predict._Sampler, "run", counted)
+    monkeypatch.setattr(predict, "_fit_costs", lambda trials, *a: fitted.append(trials) or fit(trials, *a))
+    asked: list[float] = []
+
+    def more(seconds: float) -> bool:  # room for two more rounds
+        asked.append(seconds)
+        return len(asked) <= 2
+
+    step = predict._calibrate_format(infos, tmp_path, 60.0, predict.DEFAULT_CALIBRATION, more)
+    next(step)
+    with pytest.raises(StopIteration):
+        next(step)
+    large = max(runs)
+    assert len(runs[large]) == 4 and len(asked) == 3 and all(s > 0 for s in asked)
+    # the large sample kept is the lower median of its four writes; the small ones' means take the extras
+    assert fitted[0][0].seconds == sorted(runs[large])[1]
+    many, one = sorted(runs)[1], sorted(runs)[0]  # ten rows from each input, ten from one
+    assert len(infos) > 1 and len(runs) == 3
+    assert fitted[0][1].seconds == pytest.approx(np.mean(runs[many][1:]))  # the first pass's is not kept
+    assert fitted[0][2].seconds == pytest.approx(np.mean(runs[one])) and len(runs[one]) >= 3
+
+
 def test_cli_plan_json_has_predictions(demo: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", *demo, "--dataset-size", "600", "--shuffle-chunk-size", "50", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
