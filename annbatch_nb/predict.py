@@ -861,6 +861,32 @@ def auto_workers(plan: Plan, n_todo: int, calibration: Calibration | None = None
     return max(1, min(by_cpus, n_todo, by_memory))
 
 
+def worker_slowdown(n: int) -> float:
+    """How much longer each of ``n`` worker processes takes over a dataset than one process alone, by threads.
+
+    The calibration times datasets written with :func:`~annbatch_nb.engine.encode_threads` threads; each of
+    ``n`` workers gets its share of the CPUs (``cpu_count // n``, or ``$ANNBATCH_NB_THREADS``, as the engine
+    sets it). With fewer threads than the calibrated process had, a dataset is counted as taking that many
+    times longer (its threads kept their CPUs busy): two workers on two CPUs write two datasets at a time,
+    each on one thread, no faster than one process writes them one at a time on two.
+
+    Parameters
+    ----------
+    n
+        Worker processes.
+
+    Returns
+    -------
+    float
+        ``max(1, threads of one process / threads of a worker)``.
+    """
+    from .engine import THREADS_ENV, encode_threads  # imported here: the engine imports this module
+
+    alone = encode_threads()
+    share = int(os.environ.get(THREADS_ENV) or max(1, (os.cpu_count() or 1) // max(n, 1)))
+    return max(1.0, alone / max(share, 1))
+
+
 def _makespan(seconds: np.ndarray, n: int) -> float:
     """Finish time of tasks handed, in order, to the first free of ``n`` workers (as a process pool does)."""
     free = np.zeros(n)
@@ -893,7 +919,8 @@ def predict_time(
     bytes / x_bytes_per_s``, plus the disk for the bytes of X the page cache does not hold
     (:func:`dataset_seconds`). With ``n`` workers: the parent's ``run_s + opens``, one process start (the
     forkserver), each worker's opens, first touch and one-time costs, and the datasets,
-    slowed by ``parallel_efficiency``, dealt in order to the first free worker.
+    slowed by ``parallel_efficiency`` and by the threads a worker gives up (:func:`worker_slowdown`), dealt
+    in order to the first free worker.
 
     Parameters
     ----------
@@ -937,7 +964,8 @@ def predict_time(
     if n == 1:
         return TimePrediction(serial, x, calls, obs, overhead, serial, 1, decode, disk)
     opens = sum(c.per_format("input_open_s", rate_key(i)) for i in plan.inputs)
-    seconds = c.run_s + opens + c.process_start_s + fixed + _makespan(per_ds / c.parallel_efficiency, n)
+    slow = worker_slowdown(n) / c.parallel_efficiency
+    seconds = c.run_s + opens + c.process_start_s + fixed + _makespan(per_ds * slow, n)
     return TimePrediction(seconds, x, calls, obs, overhead, serial, n, decode, disk)
 
 

@@ -255,6 +255,35 @@ def test_workers_time_and_memory_by_hand(monkeypatch: pytest.MonkeyPatch) -> Non
     assert abn.predict.predict_memory(p, CAL, workers=1).peak_bytes == m.process_bytes
 
 
+def test_workers_with_fewer_threads_take_longer_per_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    from annbatch_nb.predict import _process_fixed_seconds, dataset_seconds, predict_time, worker_slowdown
+
+    monkeypatch.delenv("ANNBATCH_NB_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert (
+        worker_slowdown(1) == 1.0 and worker_slowdown(2) == 2.0
+    )  # one thread each where one process had two
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert worker_slowdown(4) == 1.0  # four threads each, as many as one process uses (at most four)
+    assert worker_slowdown(8) == 2.0
+    monkeypatch.setenv("ANNBATCH_NB_THREADS", "2")  # the user's setting, for one process and each worker
+    assert worker_slowdown(8) == 1.0
+    monkeypatch.delenv("ANNBATCH_NB_THREADS")
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    p = build_plan(
+        _one_input(n=10_000), Parameters.validated(shuffle_chunk_size=1000, dataset_size=1000, seed=0), CAL
+    )
+    per_ds = dataset_seconds(p, CAL)
+    assert len(per_ds) == 10 and np.allclose(per_ds, per_ds[0])
+    # two workers on two CPUs, one thread each: five rounds of two datasets, each taking twice as long (and
+    # at 80 % speed), after the parent's run and open, the forkserver's start and a worker's own fixed costs
+    two = predict_time(p, CAL, workers=2)
+    assert two.seconds == pytest.approx(
+        0.2 + 0.01 + 2.0 + _process_fixed_seconds(p, CAL) + 5 * per_ds[0] * 2 / 0.8
+    )
+    assert two.seconds > predict_time(p, CAL, workers=1).seconds
+
+
 def test_fit_recovers_the_costs_that_made_the_trials() -> None:
     from annbatch_nb.predict import _call_seconds, _fit_costs, _Trial
 
