@@ -1513,7 +1513,7 @@ def _calibrate_format(
     kept: competing for the cores only slows them.
 
     Then, while ``more(seconds)`` says there is time for another round of that many seconds (the fresh
-    process of :func:`calibrate` has not finished: calibrate waits for it anyway), rounds of one more write of
+    process of :func:`calibrate` has not finished: calibrate would wait for it), rounds of one more write of
     each of the three datasets: the many- and one-input means take them in, and the large one is the lower
     median of all its writes (of two, the better, as without them).
     """
@@ -1555,7 +1555,8 @@ def _calibrate_format(
             bigs = [on_disk, s.run(large)]
             decode_rate = max(decode_rate, s.measure_decode())
             calls = min(calls, s.measure_calls(), key=lambda t: t.seconds)
-            # while calibrate would only wait for its fresh process, more writes of each sample cost nothing
+            # while calibrate would otherwise only wait for its fresh process, more writes of each sample
+            # (they slow that process down, and calibrate with it, by less than they take)
             while more(bigs[-1].seconds + ones[-1].seconds + manys[-1].seconds):
                 bigs.append(s.run(large))
                 ones.append(s.run(one))
@@ -1620,7 +1621,7 @@ def calibrate(
     memory after each step are the worker start cost, the memory baseline and the memory a run holds per
     cell. The engine's samples warm up beside that process, which then goes on at the lowest CPU priority
     while the samples kept are written (its own times are CPU times), and more of them while it has not
-    finished (up to :data:`EXTRA_SAMPLES_UNTIL_S` from the start: calibrate would only wait for it). Once
+    finished (until :data:`EXTRA_SAMPLES_UNTIL_S` from calibrate's start: it would only wait). Once
     per machine (cached), before all that, the first touch of new memory is timed (:func:`_fault_rate`): the
     cost of a run's new buffers.
     Last, reads of the largest input that the page cache does not hold are timed (:func:`_cold_read_costs`).
@@ -1645,6 +1646,7 @@ def calibrate(
     from .plan import _infos  # imported here: the plan imports this module
 
     base = DEFAULT_CALIBRATION
+    begun = time.time()
     machine = _cached_machine() if cache else None  # what does not depend on the inputs, measured once
     # first touch of new memory, before anything here allocates and frees (memory freed a moment ago is
     # quick to touch again and would hide the cost a run's new buffers pay), and before the fresh process
@@ -1661,7 +1663,7 @@ def calibrate(
 
             def more(seconds: float) -> bool:  # another round of samples fits before the fresh process ends
                 # (it still runs) and within the time calibrate may take
-                return child.poll() is None and time.time() - started + seconds <= EXTRA_SAMPLES_UNTIL_S
+                return child.poll() is None and time.time() - begun + seconds <= EXTRA_SAMPLES_UNTIL_S
 
             steps = {
                 fmt: _calibrate_format(

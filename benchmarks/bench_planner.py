@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             cases += [
                 ("h5ad-auto", big_h5ad, [1000], [50_000, 100_000], "auto"),
                 ("dense-auto", dense, [1000], [10_000], "auto"),
-                # two processes where "auto" keeps one (every plan here is predicted under its 4 s): the
-                # model's worker start and parallel efficiency
+                # two processes of one thread each, where "auto" keeps one (on two CPUs one process's threads
+                # already use both): the model's worker start, slowdown and parallel efficiency
                 ("h5ad-2w", big_h5ad, [1000], [50_000], 2),
             ]
     if args.only:
