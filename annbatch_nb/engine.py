@@ -588,6 +588,25 @@ def encode_threads() -> int:
 THREADS_ENV = "ANNBATCH_NB_THREADS"
 
 
+def worker_threads(n_workers: int) -> int:
+    """Threads of each of ``n_workers`` local worker processes: ``$ANNBATCH_NB_THREADS``, else a CPU share.
+
+    Parameters
+    ----------
+    n_workers
+        Worker processes running side by side.
+
+    Returns
+    -------
+    int
+        The user's setting, or ``cpu_count // n_workers`` (at least 1).
+    """
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        return max(1, int(env))
+    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+
+
 class _Slots:
     """Scratch buffers for the encoding tasks: one set per task running at once, named ``<name>:<slot>``."""
 
@@ -1025,8 +1044,7 @@ def _run_in_processes(
             pass
 
     env = dict(store_env() or {})
-    share = max(1, (os.cpu_count() or 1) // n_workers)
-    env.setdefault(THREADS_ENV, os.environ.get(THREADS_ENV) or str(share))  # threads per worker
+    env.setdefault(THREADS_ENV, str(worker_threads(n_workers)))  # threads per worker
     with ProcessPoolExecutor(
         n_workers,
         mp_context=ctx,

@@ -865,10 +865,10 @@ def worker_slowdown(n: int) -> float:
     """How much longer each of ``n`` worker processes takes over a dataset than one process alone, by threads.
 
     The calibration times datasets written with :func:`~annbatch_nb.engine.encode_threads` threads; each of
-    ``n`` workers gets its share of the CPUs (``cpu_count // n``, or ``$ANNBATCH_NB_THREADS``, as the engine
-    sets it). With fewer threads than the calibrated process had, a dataset is counted as taking that many
-    times longer (its threads kept their CPUs busy): two workers on two CPUs write two datasets at a time,
-    each on one thread, no faster than one process writes them one at a time on two.
+    ``n`` workers gets :func:`~annbatch_nb.engine.worker_threads` (its share of the CPUs, or
+    ``$ANNBATCH_NB_THREADS``). With fewer threads than the calibrated process had, a dataset is counted as
+    taking that many times longer (its threads kept their CPUs busy): two workers on two CPUs write two
+    datasets at a time, each on one thread, no faster than one process writes them one at a time on two.
 
     Parameters
     ----------
@@ -880,11 +880,9 @@ def worker_slowdown(n: int) -> float:
     float
         ``max(1, threads of one process / threads of a worker)``.
     """
-    from .engine import THREADS_ENV, encode_threads  # imported here: the engine imports this module
+    from .engine import encode_threads, worker_threads  # imported here: the engine imports this module
 
-    alone = encode_threads()
-    share = int(os.environ.get(THREADS_ENV) or max(1, (os.cpu_count() or 1) // max(n, 1)))
-    return max(1.0, alone / max(share, 1))
+    return max(1.0, encode_threads() / worker_threads(n))
 
 
 def _makespan(seconds: np.ndarray, n: int) -> float:

@@ -260,9 +260,8 @@ def test_workers_with_fewer_threads_take_longer_per_dataset(monkeypatch: pytest.
 
     monkeypatch.delenv("ANNBATCH_NB_THREADS", raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert (
-        worker_slowdown(1) == 1.0 and worker_slowdown(2) == 2.0
-    )  # one thread each where one process had two
+    # one thread each where one process had two
+    assert worker_slowdown(1) == 1.0 and worker_slowdown(2) == 2.0
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert worker_slowdown(4) == 1.0  # four threads each, as many as one process uses (at most four)
     assert worker_slowdown(8) == 2.0
