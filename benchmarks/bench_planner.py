@@ -12,7 +12,10 @@ Prints each prediction, the measurement and the error, per kind and overall the 
 
 Time is compared with the median wall time and with the run's own time: the best over ``--repeat`` runs of
 the smaller of wall and CPU time. On a shared machine other programs' load stretches wall time (and, on
-shared cores, CPU time too); the calibration measures the run's own time the same way.
+shared cores, CPU time too); the calibration measures the run's own time the same way. After each kind's grid,
+the machine's own drift over those minutes, which no calibration made before can know, is measured twice: its
+first combination runs again (as many times), and the inputs are calibrated again from scratch; the
+benchmark prints both changes, a floor under the errors one calibration can reach on this machine.
 
 Runs that first-touch a lot of memory (predicted >= 64 MiB, or a tenth of the predicted time) start after
 ``--settle`` seconds of quiet: memory another process freed a moment before is quick to touch again, and on a
@@ -132,10 +135,12 @@ def run_grid(
     cal = calibrate(inputs)  # cached in the scratch $ANNBATCH_NB_CACHE: the machine's part is measured once
     cal_s = time.perf_counter() - t0
     print(f"{kind}: calibrated in {cal_s:.1f} s", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    plans = []
     for size in sizes:
         for chunk in chunks:
             p = abn.plan(inputs, seed=0, shuffle_chunk_size=chunk, dataset_size=size, calibration=cal)
+            plans.append(p)
             n = None if workers == "auto" else int(workers)
             mem, tim = predict_memory(p, cal, workers=n), predict_time(p, cal, workers=n)
             out = scratch / f"{kind}-{chunk}-{size}.zarr"
@@ -147,7 +152,6 @@ def run_grid(
                 "calibration": cal.to_dict(),
                 "workers": workers,
             }
-            ms = []
             # first touch that matters: many bytes, or a tenth of the predicted run
             cold = _touched_bytes(p) >= 64 << 20 or _touch_seconds(p, cal) >= 0.1 * tim.seconds
             # a run under half a second moves by a factor of up to 1.8 from one start to the next (whether
@@ -157,18 +161,9 @@ def run_grid(
             starts = repeat
             if tim.seconds < MID_S:
                 starts = max(repeat, SHORT_REPEAT if tim.seconds < SHORT_S else MID_REPEAT)
-            for _ in range(starts):
-                if cold:
-                    time.sleep(settle)
-                load = os.getloadavg()[0]
-                proc = subprocess.run(
-                    [sys.executable, "-c", CHILD, json.dumps(spec)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                ms.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load})
-                shutil.rmtree(out, ignore_errors=True)
+            ms = _starts(spec, starts, settle if cold else 0.0)
+            if not rows:
+                first = (spec, starts, settle if cold else 0.0, float(np.median([x["seconds"] for x in ms])))
             m = {
                 k: float(np.median([x[k] for x in ms]))
                 for k in ("seconds", "cpu", "peak", "load", "predicted", "uncached")
@@ -213,7 +208,43 @@ def run_grid(
                 f"load {r['load']:.1f}  uncached {r['uncached']:.0%}",
                 flush=True,
             )
+    # The machine's own drift over the grid, which no calibration made before it can know: the first
+    # combination run again, as many times, and the inputs calibrated again (not cached), each against the
+    # first
+    spec, starts, wait, before = first
+    after = float(np.median([x["seconds"] for x in _starts(spec, starts, wait)]))
+    again = calibrate(inputs, cache=False)
+    n = None if workers == "auto" else int(workers)
+    moved = [
+        predict_time(p, again, workers=n).seconds / predict_time(p, cal, workers=n).seconds - 1 for p in plans
+    ]
+    for r, mv in zip(rows, moved, strict=True):
+        r["rerun_drift"] = after / before - 1
+        r["recalibrated_shift"] = mv
+    print(
+        f"{kind}: the first combination again at the end {before:.2f} -> {after:.2f} s "
+        f"({after / before - 1:+.0%}); "
+        f"calibrated again, predictions move {min(moved):+.0%}..{max(moved):+.0%}",
+        flush=True,
+    )
     return rows
+
+
+def _starts(spec: dict[str, Any], starts: int, settle: float) -> list[dict[str, Any]]:
+    """Run one combination ``starts`` times, each in a fresh process after ``settle`` seconds of quiet."""
+    ms = []
+    for _ in range(starts):
+        time.sleep(settle)
+        load = os.getloadavg()[0]
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        ms.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load": load})
+        shutil.rmtree(spec["output"], ignore_errors=True)
+    return ms
 
 
 def _files(directory: Path, ext: str) -> list[str]:
@@ -297,6 +328,18 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nworst memory error {mem:.0%} (target 15%), worst time error {tim:.0%} of wall, {busy:.0%} of the "
         "best min(wall, cpu) (target 30%)"
+    )
+    drift = [
+        abs(sel[0]["rerun_drift"])
+        for k in dict.fromkeys(r["kind"] for r in rows)
+        for sel in [[r for r in rows if r["kind"] == k]]
+    ]
+    shift = [abs(r["recalibrated_shift"]) for r in rows]
+    print(
+        f"the machine: the first combination of each kind again at its end moved {np.median(drift):.0%} "
+        f"(median; worst {max(drift):.0%}); a second calibration moved the predictions "
+        f"{np.median(shift):.0%} "
+        f"(median; worst {max(shift):.0%})"
     )
     print(
         f"median memory error {np.median([abs(r['memory_error']) for r in rows]):.0%}, "
