@@ -221,6 +221,7 @@ def run_grid(
     for r, mv in zip(rows, moved, strict=True):
         r["rerun_drift"] = after / before - 1
         r["recalibrated_shift"] = mv
+        r["recalibration"] = again.to_dict()
     print(
         f"{kind}: the first combination again at the end {before:.2f} -> {after:.2f} s "
         f"({after / before - 1:+.0%}); "
