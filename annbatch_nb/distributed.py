@@ -66,6 +66,8 @@ _EVENT_INTERVAL = 0.25
 _CANCEL_INTERVAL = 0.5
 #: Seconds the driver waits for running tasks to stop after a cancel or a failure.
 _STOP_TIMEOUT = 120.0
+#: Seconds the other tasks of a run get to report that the worker death which failed one task failed them too.
+_KILLED_GRACE = 1.0
 #: Seconds the driver waits for a cluster without workers to get one.
 _WORKER_TIMEOUT = 60.0
 
@@ -297,10 +299,16 @@ def run_on_cluster(
                 try:
                     out = f.result()
                 except KilledWorker:
+                    killed = _killed_with(k, pending, wait, KilledWorker)
+                    what = (
+                        f"the task of dataset {k}"
+                        if len(killed) == 1
+                        else f"the tasks of datasets {', '.join(map(str, killed))} (one of them or all)"
+                    )
                     raise ClusterError(
-                        f"the task of dataset {k} killed dask workers repeatedly (out of memory? a dataset "
-                        f"needs about {plan.memory.peak_bytes / 2**30:.1f} GiB per worker); nothing was "
-                        "committed: lower dataset_size or give workers more memory, then re-run to resume"
+                        f"{what} killed dask workers repeatedly (out of memory? a dataset needs about "
+                        f"{plan.memory.peak_bytes / 2**30:.1f} GiB per worker); nothing was committed: lower "
+                        "dataset_size or give workers more memory, then re-run to resume"
                     ) from None
                 drain()
                 tracker.finish(k, _raw_input_bytes(plan, k))
@@ -324,6 +332,23 @@ def run_on_cluster(
             client.run(_forget, slim.fingerprint)
         with suppress(Exception):
             plan_future.release()
+
+
+def _killed_with(k: int, pending: dict[Any, int], wait: Callable[..., Any], killed: type) -> list[int]:
+    """Dataset ``k``, whose task failed with ``KilledWorker``, and the others that failed with it.
+
+    A worker's death fails every task the scheduler had given it, the one that ran and those queued behind
+    it, and dask cannot tell which one killed it: all of them are named. Their failures reach the client a
+    moment apart, so the other tasks get :data:`_KILLED_GRACE` seconds to report.
+    """
+    with suppress(Exception):
+        wait(list(pending), timeout=_KILLED_GRACE)
+    others = [
+        j
+        for f, j in pending.items()
+        if f.done() and f.status == "error" and isinstance(f.exception(timeout=0), killed)
+    ]
+    return sorted([k, *others])
 
 
 @contextmanager

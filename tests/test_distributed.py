@@ -21,7 +21,7 @@ from distributed import Client, LocalCluster
 import annbatch_nb as abn
 from annbatch_nb.cli import main
 from annbatch_nb.collection import META_KEY, is_committed
-from annbatch_nb.distributed import _check_workers, worker_plan
+from annbatch_nb.distributed import _check_workers, _killed_with, worker_plan
 from annbatch_nb.engine import STOP_ENV, STOP_ONCE_ENV
 
 RUN_TIMEOUT = 180
@@ -94,7 +94,9 @@ def test_a_task_that_keeps_killing_workers_stops_the_run_resumably(
         Client(cluster) as c,
     ):
         plan = abn.plan(mixed.inputs, **MIXED_KWARGS)
-        with pytest.raises(abn.ClusterError, match="dataset 2 killed dask workers") as info:
+        # a worker's death also fails the task queued behind dataset 2's on it (dataset 1 or 3, as the
+        # scheduler dealt them): those are named too
+        with pytest.raises(abn.ClusterError, match=r"datasets? ([0-9]+, )*2\b.*killed dask workers") as info:
             plan.run(out, progress=False, client=c)
     assert "\n" not in str(info.value) and "resume" in str(info.value)
     assert not is_committed(zarr.open_group(str(out), mode="r"))
@@ -102,6 +104,37 @@ def test_a_task_that_keeps_killing_workers_stops_the_run_resumably(
     result = plan.run(out, progress=False)  # a local run resumes it
     assert result.datasets_written >= 1
     assert tree_digest(out) == tree_digest(mixed.output)
+
+
+def test_a_worker_death_names_every_dataset_whose_task_it_failed() -> None:
+    from distributed.scheduler import KilledWorker
+
+    class Done:  # a finished future: failed with ``error``, or succeeded (``error`` None)
+        def __init__(self, error: BaseException | None) -> None:
+            self.error = error
+            self.status = "finished" if error is None else "error"
+
+        def done(self) -> bool:
+            return True
+
+        def exception(self, timeout: float | None = None) -> BaseException | None:
+            return self.error
+
+    class Running(Done):
+        def done(self) -> bool:
+            return False
+
+    waited: list[float] = []
+
+    def wait(fs: list[object], timeout: float) -> None:
+        waited.append(timeout)
+        raise TimeoutError  # a task still runs: the grace ends
+
+    died = KilledWorker("annbatch-nb-x-dataset-3", "tcp://w", 0)
+    pending = {Done(died): 3, Done(None): 4, Running(None): 5, Done(ValueError("other")): 6, Done(died): 0}
+    assert _killed_with(1, pending, wait, KilledWorker) == [0, 1, 3]
+    assert waited == [1.0]
+    assert _killed_with(2, {Done(None): 4}, wait, KilledWorker) == [2]
 
 
 def test_cancel_leaves_a_resumable_output_that_a_cluster_resumes(
