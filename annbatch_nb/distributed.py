@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from .collection import LOCK_NAME, META_KEY, S3Lock, dataset_key, open_root
-from .engine import THREADS_ENV, BufferPool, read_order_rows, write_dataset
+from .engine import THREADS_ENV, BufferPool, cpu_share, read_order_rows, write_dataset
 from .errors import CancelledError, ClusterError, ParameterError
 from .sources import InputSpec, Source, open_source, remember_manifests
 from .stores import describe_store_error, is_url
@@ -583,8 +583,7 @@ class _ClusterFlag:
 def _share_cpus(slots: dict[str, int], host: str) -> None:
     """Give this worker's tasks their share of the host's CPUs as encoding threads (unless the user chose)."""
     if _USER_THREADS is None:
-        share = max(1, (os.cpu_count() or 1) // max(1, slots.get(host, 1)))
-        os.environ[THREADS_ENV] = str(share)
+        os.environ[THREADS_ENV] = str(cpu_share(slots.get(host, 1)))
 
 
 #: ``$ANNBATCH_NB_THREADS`` as the worker process started with (a user's setting wins over the share).

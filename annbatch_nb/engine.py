@@ -604,7 +604,12 @@ def worker_threads(n_workers: int) -> int:
     env = os.environ.get(THREADS_ENV)
     if env:
         return max(1, int(env))
-    return max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    return cpu_share(n_workers)
+
+
+def cpu_share(n_processes: int) -> int:
+    """CPUs each of ``n_processes``, side by side on this machine, gets: at least 1."""
+    return max(1, (os.cpu_count() or 1) // max(1, n_processes))
 
 
 class _Slots:

@@ -135,13 +135,13 @@ def run_grid(
     cal = calibrate(inputs)  # cached in the scratch $ANNBATCH_NB_CACHE: the machine's part is measured once
     cal_s = time.perf_counter() - t0
     print(f"{kind}: calibrated in {cal_s:.1f} s", flush=True)
+    n = None if workers == "auto" else int(workers)
     rows: list[dict[str, Any]] = []
     plans = []
     for size in sizes:
         for chunk in chunks:
             p = abn.plan(inputs, seed=0, shuffle_chunk_size=chunk, dataset_size=size, calibration=cal)
             plans.append(p)
-            n = None if workers == "auto" else int(workers)
             mem, tim = predict_memory(p, cal, workers=n), predict_time(p, cal, workers=n)
             out = scratch / f"{kind}-{chunk}-{size}.zarr"
             spec = {
@@ -214,7 +214,6 @@ def run_grid(
     spec, starts, wait, before = first
     after = float(np.median([x["seconds"] for x in _starts(spec, starts, wait)]))
     again = calibrate(inputs, cache=False)
-    n = None if workers == "auto" else int(workers)
     moved = [
         predict_time(p, again, workers=n).seconds / predict_time(p, cal, workers=n).seconds - 1 for p in plans
     ]
